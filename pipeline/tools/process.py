@@ -1,0 +1,161 @@
+"""Run an external command the way every adapter needs it.
+
+Each command runs in its own process group, so that a failure, a timeout or Ctrl-C stops the
+command and everything it started (Packer's QEMU, Ansible's SSH). Its output goes line by line
+to a log file (and to a callback for live progress); the last lines are kept for error messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import Interrupted, MissingTool, ToolError
+
+TAIL_LINES = 15
+STOP_GRACE_SECONDS = 10.0
+
+# Every Packer and Terraform run: never call the vendor's update-check service.
+BASE_ENV = {"CHECKPOINT_DISABLE": "1"}
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished command: its exit code, the whole output and where it was logged."""
+
+    argv: list[str]
+    returncode: int
+    output: str
+    log: Path | None
+    seconds: float
+
+    @property
+    def tail(self) -> list[str]:
+        return self.output.splitlines()[-TAIL_LINES:]
+
+
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every external tool runs with."""
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop a process group: SIGTERM, then SIGKILL after a grace period."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    what: str,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    on_line: Callable[[str], None] | None = None,
+    check: bool = True,
+    stdin_data: bytes | None = None,
+) -> Completed:
+    """Run `argv`, logging its output; raise ToolError naming `what` if it fails and `check`."""
+    argv = [str(a) for a in argv]
+    started = time.monotonic()
+    lines: collections.deque[str] = collections.deque()
+    log_file = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log_file = log.open("w", encoding="utf-8")
+        log_file.write(f"$ {' '.join(argv)}\n")
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=command_env(env),
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        if log_file:
+            log_file.close()
+        raise MissingTool(f"{what}: `{argv[0]}` is not installed (run ./setup.sh)") from exc
+
+    reader = threading.Thread(
+        target=_pump, args=(proc, lines, log_file, on_line), daemon=True, name=f"pump-{what}"
+    )
+    reader.start()
+    try:
+        if stdin_data is not None and proc.stdin is not None:
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        reader.join()
+        _close(log_file)
+        raise ToolError(
+            f"{what} (timed out after {timeout:.0f} s)", argv, -1, list(lines)[-TAIL_LINES:],
+            str(log or ""),
+        ) from None
+    except KeyboardInterrupt:
+        stop_group(proc)
+        reader.join()
+        _close(log_file)
+        raise Interrupted(f"interrupted during {what}; the command was stopped") from None
+    except BaseException:
+        stop_group(proc)
+        reader.join()
+        _close(log_file)
+        raise
+    reader.join()
+    _close(log_file)
+
+    done = Completed(argv, proc.returncode, "\n".join(lines), log, time.monotonic() - started)
+    if check and proc.returncode != 0:
+        raise ToolError(what, argv, proc.returncode, done.tail, str(log or ""))
+    return done
+
+
+def _pump(
+    proc: subprocess.Popen[bytes],
+    lines: collections.deque[str],
+    log_file: object,
+    on_line: Callable[[str], None] | None,
+) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        lines.append(line)
+        if log_file is not None:
+            log_file.write(line + "\n")  # type: ignore[attr-defined]
+            log_file.flush()  # type: ignore[attr-defined]
+        if on_line is not None:
+            on_line(line)
+
+
+def _close(log_file: object) -> None:
+    if log_file is not None:
+        log_file.close()  # type: ignore[attr-defined]
