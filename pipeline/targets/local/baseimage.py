@@ -1,0 +1,320 @@
+"""The base image of the local target: a bootable Debian qcow2 built from Debian packages.
+
+mmdebstrap makes the root tree in a folder, `mkfs.ext4 -d` turns the folder into a filesystem
+without mounting anything, and `qemu-img convert` makes the qcow2. The kernel and initrd are
+copied beside the disk because every local VM boots them directly (`-kernel -initrd -append`):
+no bootloader, no partition table, nothing that needs a loop device.
+
+The result is cached under `state_dir/base/<fingerprint>/`; the fingerprint hashes every input,
+so a changed package list, recipe or tool version builds a new image beside the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ToolError
+from pipeline.tools.process import run
+
+# Bump when the steps below change in a way the hashed file contents do not show.
+RECIPE_VERSION = "2"
+
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "libnss-myhostname",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "openssh-server",
+    "python3",
+    "sudo",
+    "ca-certificates",
+    "curl",
+    "iproute2",
+)
+
+# The guest's DNS under QEMU user-mode networking; the host's resolv.conf means nothing there.
+RESOLV_CONF = "nameserver 10.0.2.3\n"
+
+NETWORK_UNIT = """\
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+"""
+
+# The image ships without host keys so that every VM gets its own; this runs before sshd.
+HOSTKEYS_UNIT = """\
+[Unit]
+Description=Generate SSH host keys on first boot
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+RemainAfterExit=yes
+
+[Install]
+RequiredBy=ssh.service
+"""
+
+SSHD_CONFIG = """\
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+"""
+
+FSTAB = "/dev/vda / ext4 defaults,errors=remount-ro 0 1\n"
+
+# systemd.firstboot=off: an empty machine-id marks a first boot, and the firstboot wizard would
+# otherwise wait for answers on the console.
+APPEND = "root=/dev/vda rw console=ttyS0 systemd.firstboot=off"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What goes into a base image: the Debian suite, extra packages and the disk size."""
+
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+    disk_size: str = "3G"
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A built base image: its disk, the kernel and initrd to boot it with, and its manifest."""
+
+    dir: Path
+    disk: Path
+    kernel: Path
+    initrd: Path
+    fingerprint: str
+    append: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def ssh_key(state_dir: Path) -> Path:
+    """The pipeline's private SSH key (ed25519), created once under `state_dir/keys/`."""
+    keys = state_dir / "keys"
+    private = keys / "id_ed25519"
+    if private.exists() and private.with_suffix(".pub").exists():
+        return private
+    keys.mkdir(parents=True, exist_ok=True)
+    keys.chmod(0o700)
+
+    # Generate into a temporary name and rename both halves, so that a crash never leaves a
+    # private key without its public half (or the reverse) for the next caller to trust.
+    with tempfile.TemporaryDirectory(dir=keys) as tmp:
+        tmp_key = Path(tmp) / "id_ed25519"
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "image-pipeline",
+                "-f",
+                str(tmp_key),
+            ],
+            what="create the pipeline's SSH key",
+        )
+        tmp_key.with_suffix(".pub").rename(private.with_suffix(".pub"))
+        tmp_key.rename(private)
+    return private
+
+
+def mmdebstrap_version() -> str:
+    """The installed mmdebstrap's version line; part of every base image fingerprint."""
+    return run(["mmdebstrap", "--version"], what="ask mmdebstrap its version").output.strip()
+
+
+def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
+    """Hash every input of a base image: suite, packages, recipe, key and builder version."""
+    inputs = {
+        "recipe": RECIPE_VERSION,
+        "suite": spec.suite,
+        "sources": _sources(spec.suite),
+        "packages": sorted(set(BASE_PACKAGES) | set(spec.packages)),
+        "disk_size": spec.disk_size,
+        "files": [RESOLV_CONF, NETWORK_UNIT, HOSTKEYS_UNIT, SSHD_CONFIG, FSTAB],
+        "append": APPEND,
+        "public_key": public_key.strip(),
+        "mmdebstrap": tool_version,
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
+    """Return the cached base image for `spec`, building it first if it is not there."""
+    key = ssh_key(state_dir)
+    public_key = key.with_suffix(".pub").read_text()
+    fp = fingerprint(spec, public_key=public_key, tool_version=mmdebstrap_version())
+    final = state_dir / "base" / fp
+    if (final / "manifest.json").exists():
+        return _load(final)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=final.parent))
+    try:
+        _build(work, spec, public_key=public_key, fp=fp, log_dir=log_dir)
+        try:
+            work.rename(final)
+        except OSError:
+            # Another process finished the same image first; its copy is as good as ours.
+            if not (final / "manifest.json").exists():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return _load(final)
+
+
+def _load(folder: Path) -> BaseImage:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return BaseImage(
+        dir=folder,
+        disk=folder / "disk.qcow2",
+        kernel=folder / "vmlinuz",
+        initrd=folder / "initrd.img",
+        fingerprint=manifest["fingerprint"],
+        append=manifest["append"],
+        manifest=manifest,
+    )
+
+
+def _build(work: Path, spec: BaseSpec, *, public_key: str, fp: str, log_dir: Path) -> None:
+    started = time.monotonic()
+    root = work / "root"
+    packages = sorted(set(BASE_PACKAGES) | set(spec.packages))
+
+    # The root tree, from Debian packages only.
+    run(
+        [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--mode=root",
+            "--format=directory",
+            f"--include={','.join(packages)}",
+            "--customize-hook=chroot $1 systemctl enable systemd-networkd",
+            spec.suite,
+            str(root),
+            *_sources(spec.suite),
+        ],
+        what=f"build the {spec.suite} root tree (mmdebstrap)",
+        log=log_dir / "base-mmdebstrap.log",
+        timeout=1800,
+    )
+
+    # What makes it a VM image rather than a chroot.
+    _configure(root, public_key=public_key)
+    versions = _package_versions(root)
+
+    # Kernel and initrd go beside the disk for direct kernel boot.
+    shutil.copyfile(_single(root / "boot", "vmlinuz-*"), work / "vmlinuz")
+    shutil.copyfile(_single(root / "boot", "initrd.img-*"), work / "initrd.img")
+
+    # Folder -> ext4 -> qcow2, without mounting anything.
+    raw = work / "disk.raw"
+    run(
+        ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw), spec.disk_size],
+        what="make the root filesystem (mkfs.ext4 -d)",
+        log=log_dir / "base-mkfs.log",
+    )
+    shutil.rmtree(root)
+    run(
+        ["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
+        what="convert the root filesystem to qcow2",
+        log=log_dir / "base-qemu-img.log",
+    )
+    raw.unlink()
+
+    manifest = {
+        "fingerprint": fp,
+        "suite": spec.suite,
+        "packages_requested": packages,
+        "packages": versions,
+        "append": APPEND,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "sizes": {
+            name: (work / name).stat().st_size for name in ("disk.qcow2", "vmlinuz", "initrd.img")
+        },
+        "disk_size": spec.disk_size,
+    }
+    tmp = work / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.rename(work / "manifest.json")
+
+
+def _configure(root: Path, *, public_key: str) -> None:
+    etc = root / "etc"
+
+    # mmdebstrap leaves the host's view of the network behind; the guest has its own.
+    (etc / "resolv.conf").unlink(missing_ok=True)
+    (etc / "resolv.conf").write_text(RESOLV_CONF)
+    (etc / "systemd" / "network" / "80-dhcp.network").write_text(NETWORK_UNIT)
+    (etc / "hostname").write_text("debian\n")
+    (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+    (etc / "fstab").write_text(FSTAB)
+
+    # Each VM gets its own identity at first boot: machine-id and SSH host keys.
+    (etc / "machine-id").write_text("")
+    (root / "var" / "lib" / "dbus" / "machine-id").unlink(missing_ok=True)
+    for host_key in (etc / "ssh").glob("ssh_host_*"):
+        host_key.unlink()
+    unit = etc / "systemd" / "system" / "ssh-hostkeys.service"
+    unit.write_text(HOSTKEYS_UNIT)
+    wants = etc / "systemd" / "system" / "ssh.service.requires"
+    wants.mkdir(exist_ok=True)
+    (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
+
+    # Root logs in with the pipeline's key and nothing else.
+    (etc / "ssh" / "sshd_config.d" / "pipeline.conf").write_text(SSHD_CONFIG)
+    ssh_dir = root / "root" / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(public_key)
+    (ssh_dir / "authorized_keys").chmod(0o600)
+
+
+def _package_versions(root: Path) -> dict[str, str]:
+    out = run(
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
+        what="list the packages of the base image",
+    ).output
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def _sources(suite: str) -> list[str]:
+    # Updates and security fixes too: the guest's apt keeps these sources for later bakes.
+    main = "http://deb.debian.org/debian"
+    if suite in ("sid", "unstable"):
+        return [f"deb {main} {suite} main"]
+    return [
+        f"deb {main} {suite} main",
+        f"deb {main} {suite}-updates main",
+        f"deb http://deb.debian.org/debian-security {suite}-security main",
+    ]
+
+
+def _single(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        message = f"expected one {pattern} in {folder}, found {[p.name for p in found]}"
+        raise ToolError("build the base image", ["mmdebstrap"], 0, [message])
+    return found[0]
