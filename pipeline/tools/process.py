@@ -8,9 +8,11 @@ to a log file (and to a callback for live progress); the last lines are kept for
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,9 +44,16 @@ class Completed:
 
 
 def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every external tool runs with."""
+    """The environment every external tool runs with.
+
+    The folder of this Python comes first on PATH, so that the tools installed beside the
+    pipeline (ansible-playbook, ansible-config, molecule) are found even when the virtual
+    environment was never activated.
+    """
     env = dict(os.environ)
     env.update(BASE_ENV)
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
     if extra:
         env.update(extra)
     return env
@@ -56,14 +65,10 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS)
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -117,7 +122,10 @@ def run(
         reader.join()
         _close(log_file)
         raise ToolError(
-            f"{what} (timed out after {timeout:.0f} s)", argv, -1, list(lines)[-TAIL_LINES:],
+            f"{what} (timed out after {timeout:.0f} s)",
+            argv,
+            -1,
+            list(lines)[-TAIL_LINES:],
             str(log or ""),
         ) from None
     except KeyboardInterrupt:

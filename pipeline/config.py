@@ -1,0 +1,294 @@
+"""`pipeline.yml`: the images and environments a project declares, checked key by key.
+
+Every error names the file, the key (as a dotted path) and the value that is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError, UsageError
+
+CONFIG_NAME = "pipeline.yml"
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+TARGETS = ("local",)
+BUMPS = ("patch", "minor", "major")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """What the base image of an image is made of."""
+
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """A named recipe: base + roles + template, and how its versions are numbered."""
+
+    name: str
+    version: str
+    roles: tuple[str, ...]
+    base: BaseConfig = BaseConfig()
+    template: str = "packer/local.pkr.hcl.j2"
+    vars: dict[str, Any] = field(default_factory=dict)
+    bump: str = "patch"
+    service_port: int = 8080
+    health_path: str = "/healthz"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """How a new instance proves it is ready."""
+
+    path: str = "/healthz"
+    timeout: int = 600
+
+
+@dataclass(frozen=True)
+class EnvironmentConfig:
+    """A fleet: instances of one image in one environment."""
+
+    name: str
+    image: str
+    channel: str
+    instances: int = 2
+    target: str = "local"
+    memory: int = 512
+    health: HealthConfig = HealthConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of a project's pipeline.yml, resolved against its folder."""
+
+    path: Path
+    root: Path
+    state_dir: Path
+    images: dict[str, ImageConfig]
+    environments: dict[str, EnvironmentConfig]
+
+    @property
+    def roles_dir(self) -> Path:
+        return self.root / "roles"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def molecule_dir(self) -> Path:
+        return self.root / "molecule"
+
+    def image(self, name: str) -> ImageConfig:
+        """The image called `name`, or a UsageError listing the ones that exist."""
+        if name not in self.images:
+            known = ", ".join(sorted(self.images)) or "none"
+            message = f"unknown image {name!r} (images in {self.path.name}: {known})"
+            raise UsageError(message)
+        return self.images[name]
+
+    def environment(self, name: str) -> EnvironmentConfig:
+        """The environment called `name`, or a UsageError listing the ones that exist."""
+        if name not in self.environments:
+            known = ", ".join(sorted(self.environments)) or "none"
+            message = f"unknown environment {name!r} (environments in {self.path.name}: {known})"
+            raise UsageError(message)
+        return self.environments[name]
+
+
+class _Reader:
+    """Walks a parsed YAML mapping, naming the file and key path in every complaint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(str(self.path), key, problem)
+
+    def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping, got {_kind(value)} {value!r}")
+        for name in value:
+            if not isinstance(name, str) or name not in allowed:
+                choices = ", ".join(sorted(allowed))
+                raise self.fail(_join(key, str(name)), f"unknown key (allowed: {choices})")
+        for name in sorted(required - set(value)):
+            raise self.fail(_join(key, name), "is required")
+        return value
+
+    def any_mapping(self, value: Any, key: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping, got {_kind(value)} {value!r}")
+        return value
+
+    def string(self, value: Any, key: str, pattern: re.Pattern[str] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a non-empty string, got {_kind(value)} {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(key, f"{value!r} is not valid (expected {pattern.pattern})")
+        return value
+
+    def integer(self, value: Any, key: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be a whole number, got {_kind(value)} {value!r}")
+        if not low <= value <= high:
+            raise self.fail(key, f"{value} is out of range ({low} to {high})")
+        return value
+
+    def string_list(self, value: Any, key: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, got {_kind(value)} {value!r}")
+        return tuple(self.string(item, f"{key}[{i}]", pattern) for i, item in enumerate(value))
+
+    def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(key, f"{value!r} is not one of: {', '.join(choices)}")
+        return str(value)
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Read and check pipeline.yml (by default the one in the current folder)."""
+    path = Path(path) if path else Path.cwd() / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(str(path), None, "no such file (run from the project folder, or use -c)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "parse error"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), None, f"malformed YAML at {where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason}") from None
+    return parse(data, path)
+
+
+def parse(data: Any, path: Path) -> Config:
+    """Check an already parsed pipeline.yml; `path` names it in errors and anchors its folder."""
+    reader = _Reader(path)
+    top = reader.mapping(
+        data, "", {"state_dir", "images", "environments"}, {"images", "environments"}
+    )
+    root = path.resolve().parent
+    state_dir = root / reader.string(top.get("state_dir", ".pipeline"), "state_dir")
+
+    images_raw = reader.any_mapping(top["images"], "images")
+    images = {}
+    for name, raw in images_raw.items():
+        reader.string(name, f"images.{name}", NAME)
+        images[name] = _image(reader, name, raw)
+    if not images:
+        raise reader.fail("images", "declares no image")
+
+    envs_raw = reader.any_mapping(top["environments"], "environments")
+    environments = {}
+    for name, raw in envs_raw.items():
+        reader.string(name, f"environments.{name}", NAME)
+        environments[name] = _environment(reader, name, raw, images)
+    return Config(path, root, state_dir, images, environments)
+
+
+def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
+    key = f"images.{name}"
+    allowed = {
+        "version",
+        "roles",
+        "base",
+        "template",
+        "vars",
+        "bump",
+        "service_port",
+        "health_path",
+    }
+    item = reader.mapping(raw, key, allowed, {"version", "roles"})
+    version = reader.string(item["version"], f"{key}.version")
+    if not SEMVER.match(version):
+        raise reader.fail(f"{key}.version", f"{version!r} is not a semantic version (like 1.4.0)")
+    roles = reader.string_list(item["roles"], f"{key}.roles", ROLE_NAME)
+    if not roles:
+        raise reader.fail(f"{key}.roles", "lists no role")
+
+    base = BaseConfig()
+    if "base" in item:
+        base_raw = reader.mapping(item["base"], f"{key}.base", {"suite", "packages"}, set())
+        suite = reader.choice(base_raw.get("suite", "bookworm"), f"{key}.base.suite", ("bookworm",))
+        packages = reader.string_list(
+            base_raw.get("packages", []), f"{key}.base.packages", DEBIAN_PACKAGE
+        )
+        base = BaseConfig(suite=suite, packages=packages)
+
+    variables = reader.any_mapping(item.get("vars", {}), f"{key}.vars")
+    for var in variables:
+        reader.string(var, f"{key}.vars.{var}", ROLE_NAME)
+
+    return ImageConfig(
+        name=name,
+        version=version,
+        roles=roles,
+        base=base,
+        template=reader.string(item.get("template", ImageConfig.template), f"{key}.template"),
+        vars=dict(variables),
+        bump=reader.choice(item.get("bump", "patch"), f"{key}.bump", BUMPS),
+        service_port=reader.integer(
+            item.get("service_port", 8080), f"{key}.service_port", 1, 65535
+        ),
+        health_path=reader.string(item.get("health_path", "/healthz"), f"{key}.health_path"),
+    )
+
+
+def _environment(
+    reader: _Reader, name: str, raw: Any, images: dict[str, ImageConfig]
+) -> EnvironmentConfig:
+    key = f"environments.{name}"
+    allowed = {"image", "channel", "instances", "target", "memory", "health"}
+    item = reader.mapping(raw, key, allowed, {"image"})
+    image = reader.string(item["image"], f"{key}.image")
+    if image not in images:
+        known = ", ".join(sorted(images))
+        raise reader.fail(f"{key}.image", f"{image!r} is not an image declared here ({known})")
+
+    health = HealthConfig(path=images[image].health_path)
+    if "health" in item:
+        health_raw = reader.mapping(item["health"], f"{key}.health", {"path", "timeout"}, set())
+        health = HealthConfig(
+            path=reader.string(health_raw.get("path", health.path), f"{key}.health.path"),
+            timeout=reader.integer(
+                health_raw.get("timeout", health.timeout), f"{key}.health.timeout", 10, 3600
+            ),
+        )
+    if not health.path.startswith("/"):
+        raise reader.fail(f"{key}.health.path", f"{health.path!r} must start with /")
+
+    return EnvironmentConfig(
+        name=name,
+        image=image,
+        channel=reader.string(item.get("channel", name), f"{key}.channel", NAME),
+        instances=reader.integer(item.get("instances", 2), f"{key}.instances", 0, 32),
+        target=reader.choice(item.get("target", "local"), f"{key}.target", TARGETS),
+        memory=reader.integer(item.get("memory", 512), f"{key}.memory", 256, 65536),
+        health=health,
+    )
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,54 @@
+"""Semantic versions: parsing, ordering (pre-releases below their release) and bumping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import SEMVER
+
+
+@dataclass(frozen=True, order=False)
+class Version:
+    """A parsed semantic version; build metadata is kept but never affects order."""
+
+    major: int
+    minor: int
+    patch: int
+    prerelease: tuple[str, ...] = ()
+    build: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        match = SEMVER.match(text)
+        if not match:
+            raise ValueError(f"{text!r} is not a semantic version (like 1.4.0)")
+        major, minor, patch, pre, build = match.groups()
+        return cls(
+            int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else (), build or ""
+        )
+
+    def key(self) -> tuple:
+        """Sort key: releases above their pre-releases; numeric identifiers below others."""
+        pre = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.prerelease)
+        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, pre)
+
+    def bump(self, part: str) -> Version:
+        if part == "major":
+            return Version(self.major + 1, 0, 0)
+        if part == "minor":
+            return Version(self.major, self.minor + 1, 0)
+        if self.prerelease:
+            return Version(self.major, self.minor, self.patch)
+        return Version(self.major, self.minor, self.patch + 1)
+
+    def __str__(self) -> str:
+        text = f"{self.major}.{self.minor}.{self.patch}"
+        if self.prerelease:
+            text += "-" + ".".join(self.prerelease)
+        if self.build:
+            text += "+" + self.build
+        return text
+
+
+def sort_key(text: str) -> tuple:
+    return Version.parse(text).key()

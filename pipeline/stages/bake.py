@@ -1,0 +1,323 @@
+"""Bake: render the Packer template, run Packer with the image's roles, register the result.
+
+A bake whose inputs have the same fingerprint as an existing version bakes nothing. A bake that
+fails leaves no image folder and no registry entry: Packer writes into a temporary folder that
+is renamed into place only once the image and its manifest are complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import fingerprint as fp
+from pipeline import render
+from pipeline.config import Config, ImageConfig
+from pipeline.errors import ConfigError
+from pipeline.log import context
+from pipeline.registry.sqlite import ImageVersion, Registry
+from pipeline.runs import Run, write_json_atomic
+from pipeline.targets.local import accel, baseimage
+from pipeline.tools.versions import binary_version, python_package_version
+
+# Bumped when the way this module turns a recipe into an image changes.
+BAKE_RECIPE = "1"
+PACKER_TIMEOUT = 3600
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a bake of one image depends on, and its fingerprint."""
+
+    image: ImageConfig
+    base: baseimage.BaseImage
+    parts: dict[str, str]
+    roles: dict[str, str]
+    tools: dict[str, str]
+
+    @property
+    def fingerprint(self) -> str:
+        return fp.combine(self.parts)[:16]
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    version: ImageVersion
+    baked: bool
+
+
+def role_dirs(config: Config, image: ImageConfig) -> dict[str, Path]:
+    """The folder of each role the image lists; a missing role is an error naming it."""
+    found = {}
+    for index, role in enumerate(image.roles):
+        folder = config.roles_dir / role
+        if not (folder / "tasks" / "main.yml").is_file():
+            key = f"images.{image.name}.roles[{index}]"
+            message = f"role {role!r} does not exist (no {folder}/tasks/main.yml)"
+            raise ConfigError(str(config.path), key, message)
+        found[role] = folder
+    return found
+
+
+def gather_inputs(config: Config, image: ImageConfig, *, log_dir: Path) -> Inputs:
+    """Collect and hash every input; builds the base image if it is not cached yet."""
+    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+    template = config.templates_dir / image.template
+    if not template.is_file():
+        key = f"images.{image.name}.template"
+        raise ConfigError(str(config.path), key, f"template {template} does not exist")
+
+    spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
+    base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=log_dir)
+    tools = {
+        "packer": binary_version(config.state_dir, "packer", ("version",)),
+        "ansible-core": python_package_version("ansible-core"),
+    }
+    parts = {
+        "recipe": BAKE_RECIPE,
+        "declared_version": image.version,
+        "role_order": fp.hash_value(list(image.roles)),
+        "roles": fp.hash_value(roles),
+        "vars": fp.hash_value(image.vars),
+        "template": fp.hash_bytes(template.read_bytes()),
+        "service_port": str(image.service_port),
+        "base": base.fingerprint,
+        "tools": fp.hash_value(tools),
+    }
+    return Inputs(image=image, base=base, parts=parts, roles=roles, tools=tools)
+
+
+def role_vars(image: ImageConfig, version: str, build_id: str) -> dict[str, Any]:
+    """The variables the roles get, at bake and again at verify."""
+    return {
+        "webservice_port": image.service_port,
+        **image.vars,
+        "base_image_name": image.name,
+        "base_image_version": version,
+        "base_build_id": build_id,
+    }
+
+
+def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> BakeResult:
+    """Bake `image_name` unless a version with the same fingerprint exists."""
+    image = config.image(image_name)
+    log = context(image.name, "bake")
+    inputs = gather_inputs(config, image, log_dir=run.dir / "logs")
+    existing = registry.by_fingerprint(image.name, inputs.fingerprint)
+    if existing is not None:
+        log.info(
+            "unchanged: fingerprint %s is version %s (%s); nothing to bake",
+            inputs.fingerprint,
+            existing.version,
+            existing.state,
+        )
+        run.event("bake.unchanged", version=existing.version, fingerprint=inputs.fingerprint)
+        return BakeResult(existing, baked=False)
+
+    version = registry.next_version(image.name, image.version, image.bump)
+    log = context(f"{image.name} {version}", "bake")
+    log.info("baking build %s (fingerprint %s)", run.build_id, inputs.fingerprint)
+    run.event("bake.start", version=version, fingerprint=inputs.fingerprint)
+
+    images_dir = config.state_dir / "images" / image.name
+    work = images_dir / f".tmp-{run.build_id}"
+    final = images_dir / version
+    images_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = _packer_build(config, inputs, version, run=run, work=work)
+        _finish_image_folder(work, inputs.base, manifest)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    record = ImageVersion(
+        image=image.name,
+        version=version,
+        build_id=run.build_id,
+        fingerprint=inputs.fingerprint,
+        parent=f"base:{inputs.base.fingerprint}",
+        state="built",
+        path=str(final),
+        manifest=manifest,
+    )
+    try:
+        added = registry.add(record)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    log.info("baked %s in %s", final / "disk.qcow2", _elapsed(run))
+    run.event("bake.done", version=version, path=str(final))
+    return BakeResult(added, baked=True)
+
+
+def _packer_build(
+    config: Config, inputs: Inputs, version: str, *, run: Run, work: Path
+) -> dict[str, Any]:
+    image = inputs.image
+    base = inputs.base
+    key = baseimage.ssh_key(config.state_dir)
+    packages_file = run.dir / "packages.tsv"
+
+    vars_file = run.dir / "bake-vars.json"
+    write_json_atomic(vars_file, role_vars(image, version, run.build_id))
+    playbook = run.dir / "bake.yml"
+    playbook.write_text(yaml.safe_dump(_bake_playbook(image, packages_file), sort_keys=False))
+
+    qemu_accel = accel.accel_args(config.state_dir, kernel=base.kernel)
+    context_vars = {
+        "image": image.name,
+        "version": version,
+        "build_id": run.build_id,
+        "base": {
+            "disk": base.disk,
+            "sha256": _base_sha256(config.state_dir, base),
+            "kernel": base.kernel,
+            "initrd": base.initrd,
+            "append": base.append,
+        },
+        "output_dir": work,
+        "hostname": f"bake-{image.name}",
+        "serial_log": run.dir / "logs" / "bake-serial.log",
+        "accel": {
+            "packer": _arg_after(qemu_accel, "-accel"),
+            "cpu": _arg_after(qemu_accel, "-cpu"),
+        },
+        "memory": 1024,
+        "cpus": 2,
+        "ssh_key": key,
+        "ssh_timeout": "10m",
+        "playbook": playbook,
+        "vars_file": vars_file,
+        "ansible_env": _ansible_env(config),
+        "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
+    }
+    rendered = render.render(config.templates_dir, image.template, context_vars)
+    template = run.dir / "image.pkr.hcl"
+    template.write_text(rendered, encoding="utf-8")
+
+    run.command(
+        ["packer", "build", "-color=false", "-on-error=cleanup", str(template)],
+        what="packer build",
+        prefix=f"[{image.name} {version} > bake] ",
+        timeout=PACKER_TIMEOUT,
+        env={"PACKER_CACHE_DIR": str(config.state_dir / "cache" / "packer")},
+        cwd=run.dir,
+    )
+    disk = work / "disk.qcow2"
+    if not disk.is_file():
+        raise ConfigError(str(template), None, f"Packer finished but wrote no {disk.name}")
+
+    return {
+        "image": image.name,
+        "version": version,
+        "build_id": run.build_id,
+        "fingerprint": inputs.fingerprint,
+        "inputs": inputs.parts,
+        "roles": inputs.roles,
+        "vars": role_vars(image, version, run.build_id),
+        "base": {
+            "fingerprint": base.fingerprint,
+            "suite": base.manifest.get("suite"),
+            "path": str(base.dir),
+        },
+        "packages": _read_packages(packages_file),
+        "tools": inputs.tools,
+        "boot": {"kernel": "vmlinuz", "initrd": "initrd.img", "append": base.append},
+        "disk_sha256": fp.hash_file(disk),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _bake_playbook(image: ImageConfig, packages_file: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"Bake {image.name}",
+            "hosts": "all",
+            "gather_facts": True,
+            "roles": list(image.roles),
+            "post_tasks": [
+                {
+                    "name": "List the installed packages for the manifest",
+                    "ansible.builtin.command": {
+                        "argv": ["dpkg-query", "-W", "-f=${Package}\t${Version}\n"]
+                    },
+                    "register": "pipeline_packages",
+                    "changed_when": False,
+                },
+                {
+                    "name": "Save the package list beside the build",
+                    "ansible.builtin.copy": {
+                        "content": "{{ pipeline_packages.stdout }}\n",
+                        "dest": str(packages_file),
+                        "mode": "0644",
+                    },
+                    "delegate_to": "localhost",
+                },
+                {
+                    "name": "Forget this machine's identity, so that each instance gets its own",
+                    "ansible.builtin.shell": "rm -f /etc/ssh/ssh_host_*_key* && "
+                    ": > /etc/machine-id && rm -f /var/lib/dbus/machine-id",
+                    "changed_when": True,
+                },
+            ],
+        }
+    ]
+
+
+def _ansible_env(config: Config) -> list[str]:
+    return [
+        f"ANSIBLE_ROLES_PATH={config.roles_dir}",
+        "ANSIBLE_HOST_KEY_CHECKING=False",
+        "ANSIBLE_PIPELINING=True",
+        "ANSIBLE_NOCOLOR=1",
+        "ANSIBLE_RETRY_FILES_ENABLED=False",
+        "ANSIBLE_SSH_ARGS=-o ControlMaster=auto -o ControlPersist=60s"
+        " -o UserKnownHostsFile=/dev/null",
+    ]
+
+
+def _finish_image_folder(work: Path, base: baseimage.BaseImage, manifest: dict[str, Any]) -> None:
+    shutil.copy2(base.kernel, work / "vmlinuz")
+    shutil.copy2(base.initrd, work / "initrd.img")
+    write_json_atomic(work / "manifest.json", manifest)
+
+
+def _base_sha256(state_dir: Path, base: baseimage.BaseImage) -> str:
+    cache = state_dir / "cache" / "base-sha256" / base.fingerprint
+    if cache.is_file():
+        return cache.read_text().strip()
+    digest = fp.hash_file(base.disk)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(digest)
+    return digest
+
+
+def _read_packages(path: Path) -> dict[str, str]:
+    packages = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, _, version = line.partition("\t")
+            if name:
+                packages[name] = version
+    return packages
+
+
+def _arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def _elapsed(run: Run) -> str:
+    return f"{time.time() - run.started:.0f} s"
+
+
+def load_manifest(version: ImageVersion) -> dict[str, Any]:
+    return json.loads((Path(version.path) / "manifest.json").read_text())

@@ -1,0 +1,145 @@
+"""Verify: boot a throwaway copy of a baked version with Molecule and check it.
+
+Molecule's scenario `molecule/<image>/` creates the VM (through the pipeline's QEMU launcher),
+converges the image's roles (which must change nothing: the image must already be what its
+roles describe), verifies the service from outside the VM, and is always destroyed, also after a
+failure or Ctrl-C. The version is then recorded as verified or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, PipelineError, ToolError, VerifyFailed
+from pipeline.log import context
+from pipeline.registry.sqlite import ImageVersion, Registry
+from pipeline.runs import Run, write_json_atomic
+from pipeline.targets.local import baseimage, qemu
+
+PLUGINS = Path(__file__).resolve().parent.parent / "ansible_plugins"
+MOLECULE_TIMEOUT = 1800
+
+
+def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registry) -> ImageVersion:
+    """Verify `version`; record it as verified, or as failed and raise VerifyFailed."""
+    log = context(version.label, "verify")
+    scenario = config.molecule_dir / version.image
+    if not (scenario / "molecule.yml").is_file():
+        message = f"no Molecule scenario for image {version.image!r} (expected {scenario})"
+        raise ConfigError(str(scenario / "molecule.yml"), None, message)
+    if version.state == "revoked":
+        raise VerifyFailed(f"{version.label} is revoked and cannot be verified")
+
+    log.info("booting a throwaway copy of build %s", version.build_id)
+    run.event("verify.start", version=version.version)
+    env = _molecule_env(config, version, run)
+    failure = ""
+    try:
+        failure = _run_steps(version, env, run)
+    finally:
+        _destroy(version, env, run)
+
+    if failure:
+        registry.set_state(version.image, version.version, "failed", failure)
+        run.event("verify.failed", version=version.version, reason=failure)
+        raise VerifyFailed(f"{version.label} failed verification: {failure} (run {run.dir})")
+    registry.set_state(version.image, version.version, "verified")
+    run.event("verify.done", version=version.version)
+    log.info("verified")
+    return registry.get(version.image, version.version)
+
+
+def _run_steps(version: ImageVersion, env: dict[str, str], run: Run) -> str:
+    """Create, converge (no change allowed), verify; return why it failed, or ''."""
+    log = context(version.label, "verify")
+    changes_file = run.dir / "verify-changes.json"
+    try:
+        for step in ("create", "converge", "verify"):
+            log.info("molecule %s", step)
+            step_env = dict(env)
+            if step == "converge":
+                step_env["PIPELINE_CHANGES_FILE"] = str(changes_file)
+            _molecule(step, version, step_env, run)
+            if step == "converge" and (failure := _changes(changes_file)):
+                return failure
+    except ToolError as exc:
+        if (
+            exc.argv[1] == "create"
+            and not (Path(env["PIPELINE_VM_ROOT"]) / env["PIPELINE_INSTANCE"]).exists()
+        ):
+            # The VM never started: the tools failed, not the image. Leave the version as built.
+            raise
+        log.error("%s", exc)
+        last = next((line.strip() for line in reversed(exc.tail) if line.strip()), "")
+        return f"molecule {exc.argv[1]} failed with exit code {exc.returncode}: {last}"
+    return ""
+
+
+def instance_name(version: ImageVersion, run: Run) -> str:
+    # The run's build id makes the name unique, so destroy only ever touches this run's VM.
+    return f"verify-{version.image}-{run.build_id}"
+
+
+def _molecule_env(config: Config, version: ImageVersion, run: Run) -> dict[str, str]:
+    manifest = version.manifest
+    vars_file = run.dir / "verify-vars.json"
+    write_json_atomic(vars_file, manifest.get("vars", {}))
+    (run.dir / "molecule").mkdir(exist_ok=True)
+    return {
+        "PIPELINE_INSTANCE": instance_name(version, run),
+        "PIPELINE_IMAGE_DIR": version.path,
+        "PIPELINE_APPEND": manifest.get("boot", {}).get("append", baseimage.APPEND),
+        "PIPELINE_VM_ROOT": str(config.state_dir / "vms"),
+        "PIPELINE_STATE_DIR": str(config.state_dir),
+        "PIPELINE_SSH_KEY": str(baseimage.ssh_key(config.state_dir)),
+        "PIPELINE_PYTHON": sys.executable,
+        "PIPELINE_SERVICE_PORT": str(config.image(version.image).service_port),
+        "PIPELINE_VARS_FILE": str(vars_file),
+        "PIPELINE_PROJECT": str(config.root),
+        "MOLECULE_EPHEMERAL_DIRECTORY": str(run.dir / "molecule"),
+        "ANSIBLE_CALLBACK_PLUGINS": str(PLUGINS / "callback"),
+        "ANSIBLE_CALLBACKS_ENABLED": "pipeline_changes",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PY_COLORS": "0",
+        "NO_COLOR": "1",
+    }
+
+
+def _molecule(step: str, version: ImageVersion, env: dict[str, str], run: Run) -> None:
+    molecule = Path(sys.executable).with_name("molecule")
+    run.command(
+        [str(molecule), step, "-s", version.image],
+        what=f"molecule {step}",
+        prefix=f"[{version.label} > verify] ",
+        env=env,
+        cwd=Path(env["PIPELINE_PROJECT"]),
+        timeout=MOLECULE_TIMEOUT,
+    )
+
+
+def _destroy(version: ImageVersion, env: dict[str, str], run: Run) -> None:
+    """Destroy through Molecule; if that fails, stop the VM directly. Never leave it running."""
+    try:
+        _molecule("destroy", version, env, run)
+    except PipelineError as exc:
+        context(version.label, "verify").warning("molecule destroy failed: %s", exc)
+    vm_root = Path(env["PIPELINE_VM_ROOT"])
+    name = env["PIPELINE_INSTANCE"]
+    if (vm_root / name).exists():
+        qemu.stop(qemu.load(vm_root, name))
+
+
+def _changes(path: Path) -> str:
+    """Describe what the converge changed; empty when it changed nothing."""
+    if not path.is_file():
+        return "converge reported nothing (the change-recording callback did not run)"
+    report = json.loads(path.read_text())
+    changed = report.get("changed", [])
+    if not changed:
+        return ""
+    tasks = "; ".join(sorted({item["task"] for item in changed}))
+    return f"the image is not what its roles describe: applying them changed {tasks}"

@@ -1,0 +1,61 @@
+#!/usr/bin/python3
+"""A stateless HTTP service: /healthz answers ok, / names the image version and the host.
+
+Everything it says comes from files baked into the image, so any instance can be thrown away
+and replaced by another of the same version without anyone noticing.
+"""
+
+import json
+import socket
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+IMAGE_RECORD = "/etc/pipeline-image.json"
+
+
+def load(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class Handler(BaseHTTPRequestHandler):
+    config = {}
+    image = {}
+
+    def do_GET(self):
+        if self.path == "/healthz":
+            self.reply(200, "text/plain", "ok\n")
+        elif self.path == "/version":
+            self.reply(200, "application/json", json.dumps(self.image) + "\n")
+        elif self.path == "/":
+            body = (
+                f"{self.config['message']}\n"
+                f"image: {self.image.get('image')} {self.image.get('version')}\n"
+                f"build: {self.image.get('build_id')}\n"
+                f"host: {socket.gethostname()}\n"
+            )
+            self.reply(200, "text/plain", body)
+        else:
+            self.reply(404, "text/plain", "not found\n")
+
+    def reply(self, status, content_type, body):
+        data = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type + "; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class names it so
+        sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
+
+
+def main():
+    Handler.config = load(sys.argv[1])
+    Handler.image = load(IMAGE_RECORD)
+    server = ThreadingHTTPServer(("0.0.0.0", Handler.config["port"]), Handler)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
