@@ -18,7 +18,9 @@ CONFIG_NAME = "pipeline.yml"
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$",
+    # \d would also take digits of other scripts, which int() reads but no tool compares alike.
+    re.ASCII,
 )
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -117,7 +119,7 @@ class _Reader:
         self.path = path
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(str(self.path), key, problem)
+        return ConfigError(str(self.path), key or None, problem)
 
     def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict:
         if not isinstance(value, dict):
@@ -138,7 +140,9 @@ class _Reader:
     def string(self, value: Any, key: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, got {_kind(value)} {value!r}")
-        if pattern is not None and not pattern.match(value):
+        # fullmatch: `$` alone also matches before a trailing newline, which would let "web\n"
+        # through as a name.
+        if pattern is not None and not pattern.fullmatch(value):
             raise self.fail(key, f"{value!r} is not valid (expected {pattern.pattern})")
         return value
 
@@ -216,11 +220,11 @@ def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
     }
     item = reader.mapping(raw, key, allowed, {"version", "roles"})
     version = reader.string(item["version"], f"{key}.version")
-    if not SEMVER.match(version):
+    if not SEMVER.fullmatch(version):
         raise reader.fail(f"{key}.version", f"{version!r} is not a semantic version (like 1.4.0)")
     roles = reader.string_list(item["roles"], f"{key}.roles", ROLE_NAME)
     if not roles:
-        raise reader.fail(f"{key}.roles", "lists no role")
+        raise reader.fail(f"{key}.roles", "must list at least one role, got []")
 
     base = BaseConfig()
     if "base" in item:

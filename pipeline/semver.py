@@ -19,7 +19,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> Version:
-        match = SEMVER.match(text)
+        match = SEMVER.fullmatch(text)
         if not match:
             raise ValueError(f"{text!r} is not a semantic version (like 1.4.0)")
         major, minor, patch, pre, build = match.groups()

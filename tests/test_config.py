@@ -1,0 +1,249 @@
+"""pipeline.yml: the example loads, and every mistake names the file, the key and the bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.errors import ConfigError, UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+images:
+  web:
+    version: 1.0.0
+    roles: [base, webservice]
+environments:
+  dev:
+    image: web
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_example_pipeline_yml_loads() -> None:
+    loaded = config.load(REPO / "pipeline.yml")
+
+    web = loaded.image("web")
+    assert web.version == "1.0.0"
+    assert web.roles == ("base", "webservice")
+    assert web.vars == {"webservice_message": "Hello from an immutable image"}
+    dev = loaded.environment("dev")
+    assert (dev.image, dev.channel, dev.instances, dev.target) == ("web", "dev", 2, "local")
+    assert (dev.health.path, dev.health.timeout) == ("/healthz", 600)
+    assert loaded.state_dir == REPO / ".pipeline"
+    assert loaded.roles_dir == REPO / "roles"
+
+
+def test_defaults_fill_what_a_minimal_file_leaves_out(tmp_path: Path) -> None:
+    loaded = config.load(_write(tmp_path, GOOD))
+
+    web = loaded.image("web")
+    assert (web.bump, web.service_port, web.template) == ("patch", 8080, "packer/local.pkr.hcl.j2")
+    dev = loaded.environment("dev")
+    assert (dev.channel, dev.instances, dev.health.path) == ("dev", 2, "/healthz")
+
+
+# (id, pipeline.yml text, dotted key or None, the bad value as the message shows it)
+BAD = [
+    (
+        "malformed-yaml",
+        "images:\n  web:\n    roles: [base\n    version: 1.0.0\nenvironments: {}\n",
+        None,
+        "malformed YAML at line 4",
+    ),
+    ("unknown-top-level-key", GOOD + "colour: blue\n", "colour", "unknown key"),
+    (
+        "unknown-image-key",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    colour: blue\n"),
+        "images.web.colour",
+        "unknown key",
+    ),
+    (
+        "instances-as-string",
+        GOOD + "    instances: two\n",
+        "environments.dev.instances",
+        "a string 'two'",
+    ),
+    (
+        "instances-as-boolean",
+        GOOD + "    instances: yes\n",
+        "environments.dev.instances",
+        "bool True",
+    ),
+    (
+        "images-as-list",
+        "images: [web]\nenvironments: {}\n",
+        "images",
+        "a list ['web']",
+    ),
+    (
+        "roles-as-int",
+        GOOD.replace("[base, webservice]", "5"),
+        "images.web.roles",
+        "int 5",
+    ),
+    (
+        "version-not-semantic",
+        GOOD.replace("1.0.0", '"1.0"'),
+        "images.web.version",
+        "'1.0' is not a semantic version",
+    ),
+    (
+        "version-as-float",
+        GOOD.replace("1.0.0", "1.0"),
+        "images.web.version",
+        "float 1.0",
+    ),
+    (
+        "version-with-leading-zero",
+        GOOD.replace("1.0.0", "01.0.0"),
+        "images.web.version",
+        "'01.0.0' is not a semantic version",
+    ),
+    (
+        "version-with-trailing-newline",
+        GOOD.replace("1.0.0", '"1.0.0\\n"'),
+        "images.web.version",
+        "'1.0.0\\n' is not a semantic version",
+    ),
+    (
+        "version-with-non-ascii-digit",
+        GOOD.replace("1.0.0", "1\u0663.0.0"),
+        "images.web.version",
+        "'1\u0663.0.0' is not a semantic version",
+    ),
+    (
+        "role-escaping-the-roles-folder",
+        GOOD.replace("[base, webservice]", "[base, ../etc]"),
+        "images.web.roles[1]",
+        "'../etc'",
+    ),
+    (
+        "role-with-trailing-newline",
+        GOOD.replace("[base, webservice]", '["base\\n"]'),
+        "images.web.roles[0]",
+        "'base\\n'",
+    ),
+    (
+        "empty-roles-list",
+        GOOD.replace("[base, webservice]", "[]"),
+        "images.web.roles",
+        "[]",
+    ),
+    (
+        "image-name-with-capitals",
+        GOOD.replace("  web:", "  Web:").replace("image: web", "image: Web"),
+        "images.Web",
+        "'Web'",
+    ),
+    (
+        "environment-naming-an-unknown-image",
+        GOOD.replace("image: web", "image: db"),
+        "environments.dev.image",
+        "'db'",
+    ),
+    (
+        "too-many-instances",
+        GOOD + "    instances: 33\n",
+        "environments.dev.instances",
+        "33 is out of range",
+    ),
+    (
+        "negative-instances",
+        GOOD + "    instances: -1\n",
+        "environments.dev.instances",
+        "-1 is out of range",
+    ),
+    (
+        "health-path-without-slash",
+        GOOD + "    health:\n      path: healthz\n",
+        "environments.dev.health.path",
+        "'healthz' must start with /",
+    ),
+    (
+        "empty-file",
+        "",
+        None,
+        "must be a mapping, got nothing None",
+    ),
+]
+BAD_IDS = [case[0] for case in BAD]
+
+
+@pytest.mark.parametrize(("text", "key", "value"), [case[1:] for case in BAD], ids=BAD_IDS)
+def test_a_mistake_names_the_file_the_key_and_the_bad_value(
+    tmp_path: Path, text: str, key: str | None, value: str
+) -> None:
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    error = caught.value
+    assert error.exit_code == 3
+    assert error.path == str(path)
+    assert error.key == key
+    where = f"{path}: {key}: " if key else f"{path}: "
+    assert str(error).startswith(where)
+    assert value in str(error).removeprefix(where)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere.yml"
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value).startswith(f"{path}: no such file")
+
+
+def test_text_that_is_not_utf8_is_reported_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yml"
+    path.write_bytes(GOOD.encode() + b"# caf\xe9\n")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value).startswith(f"{path}: not UTF-8 text")
+
+
+TWO_IMAGES = """\
+images:
+  web:
+    version: 1.0.0
+    roles: [base, webservice]
+  api:
+    version: 2.0.0
+    roles: [base]
+environments:
+  dev:
+    image: web
+"""
+
+
+def test_asking_for_an_unknown_image_lists_the_known_ones(tmp_path: Path) -> None:
+    loaded = config.load(_write(tmp_path, TWO_IMAGES))
+
+    with pytest.raises(UsageError) as caught:
+        loaded.image("db")
+
+    assert caught.value.exit_code == 2
+    assert str(caught.value) == "unknown image 'db' (images in pipeline.yml: api, web)"
+
+
+def test_asking_for_an_unknown_environment_lists_the_known_ones(tmp_path: Path) -> None:
+    loaded = config.load(_write(tmp_path, TWO_IMAGES))
+
+    with pytest.raises(UsageError) as caught:
+        loaded.environment("prod")
+
+    assert caught.value.exit_code == 2
+    assert str(caught.value) == "unknown environment 'prod' (environments in pipeline.yml: dev)"
