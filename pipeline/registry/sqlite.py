@@ -87,7 +87,12 @@ class Registry:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            # A registry that cannot be brought up to date is not handed out half open.
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
