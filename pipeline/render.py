@@ -7,6 +7,7 @@ which quotes and escapes them so that `${`, `%{`, quotes and backslashes survive
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +20,15 @@ from pipeline.errors import TemplateError
 
 def hcl(value: Any) -> str:
     """Turn a Python value into an HCL expression that evaluates to exactly that value."""
+    if isinstance(value, jinja2.Undefined):
+        # Raises the undefined name's own error, which names it, instead of a TypeError below.
+        value._fail_with_undefined_error()
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"cannot write {value} as HCL: its numbers are finite")
     if isinstance(value, int | float):
         return json.dumps(value)
     if isinstance(value, str | Path):
