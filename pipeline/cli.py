@@ -34,10 +34,14 @@ def _common_options(*, top: bool) -> argparse.ArgumentParser:
         help="pipeline.yml to use (default: ./pipeline.yml)",
         **({"default": None} if top else default),
     )
+    # argparse parses a sub-command into a fresh namespace and copies it over the top one, so a
+    # count given after the command would replace, not add to, the count given before it: the
+    # two are kept apart here and added up by parse_args.
     common.add_argument(
         "-v",
         "--verbose",
         action="count",
+        dest="verbose" if top else "verbose_after_command",
         help="-v: show the tools' own output as it comes",
         **({"default": 0} if top else default),
     )
@@ -202,9 +206,15 @@ def _print_instances(instances: Sequence[dict[str, Any]]) -> None:
         )
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; -v counts wherever it is given, before or after the command."""
+    args = build_parser().parse_args(argv)
+    args.verbose += vars(args).pop("verbose_after_command", 0)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     log.setup(args.verbose)
     try:
         return int(args.handler(args))

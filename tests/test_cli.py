@@ -1,0 +1,153 @@
+"""The `pipeline` command: one clear line and the right exit code for each kind of failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from pipeline.errors import EXIT_CODES
+
+REPO = Path(__file__).resolve().parent.parent
+
+PROJECT = """\
+images:
+  web:
+    version: 1.0.0
+    roles: [base, webservice]
+environments:
+  dev:
+    image: web
+"""
+
+
+def pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m pipeline ARGS` in `cwd` with this venv's Python, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "pipeline.yml").write_text(PROJECT)
+    return tmp_path
+
+
+def _only_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("pipeline: error: ")
+    return lines[0].removeprefix("pipeline: error: ")
+
+
+def test_an_unknown_image_is_a_usage_error_in_one_line(project: Path) -> None:
+    done = pipeline("images", "db", cwd=project)
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    message = _only_error_line(done.stderr)
+    assert message == "unknown image 'db' (images in pipeline.yml: web)"
+
+
+def test_verify_of_an_unknown_image_fails_before_any_vm_work(project: Path) -> None:
+    done = pipeline("verify", "db", cwd=project)
+
+    assert done.returncode == 2
+    assert _only_error_line(done.stderr).startswith("unknown image 'db'")
+    assert not (project / ".pipeline" / "runs").exists()
+
+
+def test_verify_with_nothing_baked_says_what_to_run(project: Path) -> None:
+    done = pipeline("verify", "web", cwd=project)
+
+    assert done.returncode == 2
+    assert _only_error_line(done.stderr) == (
+        "web has no baked version yet (run `pipeline bake web`)"
+    )
+
+
+def test_debug_shows_the_traceback_before_the_message(project: Path) -> None:
+    done = pipeline("--debug", "images", "db", cwd=project)
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("Traceback (most recent call last):")
+    assert done.stderr.splitlines()[-1].startswith("pipeline: error: unknown image 'db'")
+
+
+def test_a_malformed_pipeline_yml_is_a_config_error_naming_the_file(project: Path) -> None:
+    path = project / "pipeline.yml"
+    path.write_text(PROJECT.replace("[base, webservice]", "[base, webservice"))
+
+    done = pipeline("images", "web", cwd=project)
+
+    assert done.returncode == 3
+    message = _only_error_line(done.stderr)
+    assert message.startswith(f"{path}: malformed YAML at line 5, column ")
+
+
+def test_no_pipeline_yml_in_the_folder_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    done = pipeline("images", "web", cwd=tmp_path)
+
+    assert done.returncode == 3
+    assert _only_error_line(done.stderr).startswith(f"{tmp_path / 'pipeline.yml'}: no such file")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-c", "{config}", "images", "db"], ["images", "db", "-c", "{config}"]],
+    ids=["before-command", "after-command"],
+)
+def test_the_config_option_works_before_and_after_the_command(
+    project: Path, tmp_path_factory: pytest.TempPathFactory, args: list[str]
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    config = str(project / "pipeline.yml")
+
+    done = pipeline(*(config if a == "{config}" else a for a in args), cwd=elsewhere)
+
+    # Exit 2 (unknown image), not 3: the file given with -c was read, not ./pipeline.yml.
+    assert done.returncode == 2
+    assert _only_error_line(done.stderr).startswith("unknown image 'db'")
+
+
+def test_a_wrong_command_line_exits_2(project: Path) -> None:
+    done = pipeline("images", cwd=project)
+
+    assert done.returncode == 2
+    assert "the following arguments are required: image" in done.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["images", "--help"]], ids=["top", "command"])
+def test_help_lists_every_exit_code(project: Path, args: list[str]) -> None:
+    done = pipeline(*args, cwd=project)
+
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    for code, meaning in EXIT_CODES.items():
+        assert f"  {code:<4}{meaning}" in lines
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbosity"),
+    [
+        (["images", "web"], 0),
+        (["-v", "images", "web"], 1),
+        (["images", "web", "-v"], 1),
+        (["-v", "images", "web", "-v"], 2),
+        (["-vv", "images", "web", "--verbose"], 3),
+    ],
+)
+def test_verbose_counts_wherever_it_is_given(argv: list[str], verbosity: int) -> None:
+    assert cli.parse_args(argv).verbose == verbosity
