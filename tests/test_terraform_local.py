@@ -1,0 +1,407 @@
+"""Terraform on the local target: the adapter, the embedded Terraform and the pipeline provider.
+
+The fast tests run real Terraform (embedded, and a `terraform` binary when one is installed)
+with the real provider, up to a plan. The `vm` tests apply it: real QEMU VMs whose health check
+is a web server started from the kernel command line of the plain base image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.errors import MissingTool, ToolError
+from pipeline.render import render
+from pipeline.targets.local import qemu
+from pipeline.targets.local.baseimage import BaseImage
+from pipeline.tools import terraform as tfmod
+from pipeline.tools.terraform import Terraform
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO / "templates"
+TEMPLATE = "terraform/local/main.tf.j2"
+
+# The plain base image has no service of its own: a web server started from the kernel command
+# line stands in for the baked one. systemd.run alone would make its target the default and
+# skip networking, hence the explicit multi-user target that also wants the command's service.
+HEALTH_SERVICE = (
+    ' systemd.run="/usr/bin/python3 -m http.server 8080 --directory /tmp"'
+    " systemd.unit=multi-user.target systemd.wants=kernel-command-line.service"
+)
+
+
+def fleet_config(*, size: int = 1, health_timeout: int = 600) -> str:
+    """The rendered fleet configuration of image `web` in environment `test`."""
+    context = {
+        "image": "web",
+        "environment": "test",
+        "size": size,
+        "memory": 768,
+        "cpus": 1,
+        "health_path": "/",
+        "health_timeout": health_timeout,
+        "http_guest_port": 8080,
+    }
+    return render(TEMPLATES, TEMPLATE, context)
+
+
+@dataclass
+class Fleet:
+    """One environment's working directory, its Terraform and where its VMs live."""
+
+    tf: Terraform
+    vm_root: Path
+    state_dir: Path
+    log_dir: Path
+
+    def vars(self, image: BaseImage, version: str, build_id: str) -> dict[str, Any]:
+        return {
+            "image_version": version,
+            "build_id": build_id,
+            "image_path": str(image.disk),
+            "kernel": str(image.kernel),
+            "initrd": str(image.initrd),
+            "append": image.append + HEALTH_SERVICE,
+            "vm_root": str(self.vm_root),
+            "state_dir": str(self.state_dir),
+        }
+
+    def provider_events(self, event: str) -> dict[str, datetime]:
+        """When the provider logged `event` (`healthy`, `delete`) for each instance name."""
+        patterns = {
+            "healthy": r"create (\S+): healthy after",
+            "delete": r"delete (\S+): stopping pid",
+        }
+        found = {}
+        text = (self.log_dir / tfmod.PROVIDER_LOG_NAME).read_text(encoding="utf-8")
+        for line in text.splitlines():
+            match = re.search(patterns[event], line)
+            if match:
+                found[match.group(1)] = datetime.fromisoformat(line.split(" ", 1)[0])
+        return found
+
+
+def make_fleet(root: Path, state_dir: Path, *, binary: str | None = None, size: int = 1) -> Fleet:
+    workdir = root / "env"
+    workdir.mkdir(parents=True)
+    (workdir / "main.tf").write_text(fleet_config(size=size), encoding="utf-8")
+    log_dir = root / "logs"
+    tf = Terraform(binary, workdir, root / "plugins", log_dir)
+    return Fleet(tf=tf, vm_root=root / "vms", state_dir=state_dir, log_dir=log_dir)
+
+
+def qemu_pids(vm_root: Path) -> list[int]:
+    """Live (non-zombie) QEMU processes whose command line names a path under `vm_root`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            if b"qemu-system" in cmdline and str(vm_root).encode() in cmdline and state != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
+def http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return int(response.status)
+
+
+@pytest.fixture
+def fake_image(tmp_path: Path) -> BaseImage:
+    """Files that exist where an image would be: enough to plan, never booted."""
+    folder = tmp_path / "image"
+    folder.mkdir()
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (folder / name).write_bytes(b"not booted by these tests")
+    return BaseImage(
+        dir=folder,
+        disk=folder / "disk.qcow2",
+        kernel=folder / "vmlinuz",
+        initrd=folder / "initrd.img",
+        fingerprint="0" * 16,
+        append="root=/dev/vda rw console=ttyS0",
+    )
+
+
+# -- the adapter's plumbing ---------------------------------------------------------------------
+
+
+def test_cli_config_points_the_pipeline_provider_at_the_plugin_dir(tmp_path: Path) -> None:
+    text = tfmod.cli_config_text(tmp_path / "plugins")
+
+    assert f'"local/pipeline" = "{tmp_path / "plugins"}"' in text
+    assert re.search(r"provider_installation \{\s+dev_overrides \{", text)
+    assert "direct {}" in text
+
+
+def test_plugin_script_runs_this_python_and_is_executable(tmp_path: Path) -> None:
+    script = tfmod.write_plugin(tmp_path)
+
+    assert script.name == "terraform-provider-pipeline"
+    assert os.access(script, os.X_OK)
+    assert f"exec '{sys.executable}' -m pipeline.targets.local.provider" in script.read_text()
+
+
+def test_every_run_gets_its_config_and_no_update_check(tmp_path: Path) -> None:
+    tf = Terraform(None, tmp_path / "env", tmp_path / "plugins", tmp_path / "logs")
+
+    env = tf.env()
+
+    assert env["CHECKPOINT_DISABLE"] == "1"
+    assert env["TF_IN_AUTOMATION"] == "1"
+    config = Path(env["TF_CLI_CONFIG_FILE"]).read_text()
+    assert config == tfmod.cli_config_text(tmp_path / "plugins")
+    assert (tmp_path / "plugins" / "terraform-provider-pipeline").exists()
+
+
+def test_embedded_is_the_default_and_a_missing_binary_is_named() -> None:
+    assert tfmod.command_for(None) == [sys.executable, "-m", "pipeline.tools.embedded_terraform"]
+    with pytest.raises(MissingTool, match="no-such-terraform"):
+        tfmod.command_for("no-such-terraform")
+
+
+def test_resource_change_words() -> None:
+    def change(*actions: str) -> tfmod.ResourceChange:
+        return tfmod.ResourceChange("a.b[0]", "a", 0, actions, None, {"name": "n"})
+
+    assert change("create", "delete").action == "replace"
+    assert change("create", "delete").create_before_destroy
+    assert not change("delete", "create").create_before_destroy
+    assert change("delete", "create").action == "replace"
+    assert change("no-op").action == "no-op"
+    assert change("create").name == "n"
+
+
+# -- the embedded Terraform as a command line ---------------------------------------------------
+
+
+def embedded(args: list[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": os.devnull}
+    argv = [*tfmod.command_for(None), *args]
+    return subprocess.Popen(argv, cwd=cwd, env=env, text=True, **kwargs)
+
+
+def test_embedded_terraform_passes_output_and_exit_code_through(tmp_path: Path) -> None:
+    ok = embedded(["version"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, _ = ok.communicate(timeout=60)
+    bad = embedded(["plan", "-no-color", "-input=false"], tmp_path,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    bad_out, err = bad.communicate(timeout=60)
+
+    assert ok.returncode == 0
+    assert re.match(r"Terraform v1\.\d+\.\d+", out)
+    assert bad.returncode == 1
+    assert "Error: No configuration files" in err
+    assert "Error" not in bad_out
+
+
+def test_sigterm_stops_embedded_terraform_gracefully_with_state_written(tmp_path: Path) -> None:
+    (tmp_path / "main.tf").write_text(
+        'resource "terraform_data" "slow" {\n'
+        '  provisioner "local-exec" {\n'
+        '    command = "sleep 60"\n'
+        "  }\n"
+        "}\n"
+    )
+    init = embedded(["init", "-no-color", "-input=false"], tmp_path, stdout=subprocess.DEVNULL)
+    assert init.wait(timeout=60) == 0
+    apply = embedded(
+        ["apply", "-no-color", "-input=false", "-auto-approve"], tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    assert apply.stdout is not None
+    for line in apply.stdout:
+        if "Executing:" in line:
+            break
+    started = time.monotonic()
+    os.killpg(apply.pid, signal.SIGTERM)
+    rest = apply.stdout.read()
+    code = apply.wait(timeout=30)
+
+    assert code != 0
+    assert time.monotonic() - started < 20
+    assert "Gracefully shutting down" in rest
+    state = json.loads((tmp_path / "terraform.tfstate").read_text())
+    statuses = [i.get("status") for r in state["resources"] for i in r["instances"]]
+    assert statuses == ["tainted"]
+
+
+# -- plans with the real provider, no VM --------------------------------------------------------
+
+
+def test_plan_creates_every_instance_with_its_version_in_the_name(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir, size=2)
+
+    plan = fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "b100"))
+
+    assert [c.action for c in plan.changes] == ["create", "create"]
+    assert [c.name for c in plan.changes] == ["web-test-b100-0", "web-test-b100-1"]
+    assert plan.drift == []
+    assert plan.path.exists()
+    assert [i["version"] for i in plan.outputs["instances"]] == ["1.0.0", "1.0.0"]
+    assert fleet.tf.state_instances() == []
+
+
+def test_provider_rejects_an_image_that_does_not_exist(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+    fake_image.disk.unlink()
+
+    with pytest.raises(ToolError, match="terraform plan") as caught:
+        fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "b1"))
+
+    assert "no such file" in "\n".join(caught.value.tail)
+
+
+def test_a_build_id_unfit_for_a_name_is_refused(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+
+    with pytest.raises(ToolError) as caught:
+        fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "../b1"))
+
+    assert "build id" in "\n".join(caught.value.tail)
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary installed")
+def test_a_terraform_binary_plans_the_same_fleet(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir, binary="terraform")
+
+    plan = fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "b1"))
+
+    assert re.match(r"\d+\.\d+\.\d+", fleet.tf.version())
+    assert [(c.action, c.name) for c in plan.changes] == [("create", "web-test-b1-0")]
+
+
+# -- real VMs -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vm_fleet(tmp_path: Path, state_dir: Path) -> Iterator[Fleet]:
+    """A fleet whose VMs are all stopped afterwards, whatever the test did."""
+    fleet = make_fleet(tmp_path, state_dir)
+    try:
+        yield fleet
+    finally:
+        for record in qemu.list_vms(fleet.vm_root):
+            qemu.stop(record, remove=True)
+        for pid in qemu_pids(fleet.vm_root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.vm
+def test_rollout_replaces_new_first_and_drift_is_recreated(
+    vm_fleet: Fleet, base_image: BaseImage
+) -> None:
+    tf = vm_fleet.tf
+
+    # Version A: one healthy instance.
+    started = time.monotonic()
+    outputs = tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
+    first_apply = time.monotonic() - started
+    [old] = outputs["instances"]
+    assert old["name"] == "web-test-a1-0"
+    assert http_status(old["url"]) == 200
+    [old_record] = qemu.list_vms(vm_fleet.vm_root)
+    assert qemu.is_running(old_record)
+
+    # Version B: the plan replaces it, creating the new one first.
+    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
+    [change] = plan.changes
+    assert change.action == "replace"
+    assert change.create_before_destroy
+    assert (change.before or {})["name"] == "web-test-a1-0"
+    assert change.name == "web-test-b2-0"
+
+    started = time.monotonic()
+    outputs = tf.apply(plan)
+    replace_seconds = time.monotonic() - started
+    [new] = outputs["instances"]
+    assert new["version"] == "2.0.0"
+    assert http_status(new["url"]) == 200
+    healthy = vm_fleet.provider_events("healthy")
+    deleted = vm_fleet.provider_events("delete")
+    assert healthy["web-test-b2-0"] < deleted["web-test-a1-0"]
+
+    # The deposed old instance is really gone: from the state, from the disk, from the processes.
+    state_text = (tf.workdir / "terraform.tfstate").read_text()
+    assert "deposed" not in state_text
+    assert [(i["name"], i["deposed"]) for i in tf.state_instances()] == [("web-test-b2-0", None)]
+    assert not qemu.is_running(old_record)
+    assert [r.name for r in qemu.list_vms(vm_fleet.vm_root)] == ["web-test-b2-0"]
+
+    # Killed from outside: drift, and the next apply brings it back.
+    [victim] = qemu.list_vms(vm_fleet.vm_root)
+    os.kill(victim.pid, signal.SIGKILL)
+    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
+    assert [(d.address, d.action) for d in plan.drift] == [("pipeline_instance.fleet[0]", "delete")]
+    assert [(c.action, c.name) for c in plan.changes] == [("create", "web-test-b2-0")]
+    outputs = tf.apply(plan)
+    [back] = qemu.list_vms(vm_fleet.vm_root)
+    assert back.pid != victim.pid
+    assert qemu.is_running(back)
+    assert http_status(outputs["instances"][0]["url"]) == 200
+
+    # Destroy leaves nothing running.
+    tf.destroy(vm_fleet.vars(base_image, "2.0.0", "b2"))
+    assert tf.state_instances() == []
+    assert qemu_pids(vm_fleet.vm_root) == []
+    print(f"\napply of 1 instance: {first_apply:.0f} s; replace: {replace_seconds:.0f} s")
+
+
+@pytest.mark.vm
+def test_interrupted_apply_leaves_no_vm_and_no_instance_in_state(
+    vm_fleet: Fleet, base_image: BaseImage
+) -> None:
+    tf = vm_fleet.tf
+    plan = tf.plan(vm_fleet.vars(base_image, "1.0.0", "i1"))
+    provider_log = vm_fleet.log_dir / tfmod.PROVIDER_LOG_NAME
+
+    # As process.run stops a command on Ctrl-C: SIGTERM to its whole process group.
+    apply = subprocess.Popen(
+        [*tf.command, "apply", "-input=false", "-no-color", plan.path.name],
+        cwd=tf.workdir, env={**os.environ, **tf.env()}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "create web-test-i1-0: pid" not in provider_log.read_text(encoding="utf-8"):
+            assert time.monotonic() < deadline, "the provider never booted the VM"
+            time.sleep(0.5)
+        assert qemu_pids(vm_fleet.vm_root) != []
+        os.killpg(apply.pid, signal.SIGTERM)
+        output, _ = apply.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(apply.pid, signal.SIGKILL)
+
+    assert apply.returncode != 0
+    assert "Interrupt received" in output
+    assert qemu_pids(vm_fleet.vm_root) == []
+    assert tf.state_instances() == []
+    assert qemu.list_vms(vm_fleet.vm_root) == []
