@@ -168,6 +168,19 @@ def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]
             return result
 
 
+def destroy(env: str, *, config_path: Path | str | None = None) -> list[str]:
+    """Destroy every instance of environment `env`."""
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, registry):
+        environment = config.environment(env)
+        run_ = Run(config.state_dir, "destroy", env)
+        with _recorded(run_), locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id):
+            names = deploy_stage.destroy(config, environment, run=run_, registry=registry)
+            run_.finish("ok", 0, destroyed=names)
+            return names
+
+
 def status(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
     """The instances of `env`: version, address, health, and drift from Terraform's view."""
     from pipeline.stages import deploy as deploy_stage

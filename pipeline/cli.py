@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("env")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = command("destroy", "destroy every instance of an environment", _cmd_destroy)
+    p.add_argument("env")
+
     p = command("status", "an environment's instances: version, health, drift", _cmd_status)
     p.add_argument("env")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -164,6 +167,12 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         _print_instances(result.get("instances", []))
+    return 0
+
+
+def _cmd_destroy(args: argparse.Namespace) -> int:
+    names = api.destroy(args.env, config_path=args.config)
+    print(f"destroyed {len(names)} instance(s)")
     return 0
 
 
