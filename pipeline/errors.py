@@ -50,19 +50,30 @@ class ToolError(PipelineError):
     exit_code = 4
 
     def __init__(
-        self, what: str, argv: Sequence[str], returncode: int, tail: Sequence[str], log: str = ""
+        self,
+        what: str,
+        argv: Sequence[str],
+        returncode: int,
+        tail: Sequence[str],
+        log: str = "",
+        *,
+        cause: str = "",
     ) -> None:
-        lines = "\n".join(f"  | {line}" for line in tail)
-        message = f"{what} failed: `{' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}`"
-        message += f" exited with code {returncode}"
+        command = f"`{' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}`"
+        message = f"{what} failed: {cause}\n  " if cause else f"{what} failed: "
+        message += f"{command} exited with code {returncode}"
         if log:
             message += f" (full output: {log})"
-        if lines:
+        if tail and not cause:
+            lines = "\n".join(f"  | {line}" for line in tail)
             message += f"; last lines:\n{lines}"
         super().__init__(message)
+        self.what = what
         self.argv = list(argv)
         self.returncode = returncode
         self.tail = list(tail)
+        self.log = log
+        self.cause = cause
 
 
 class MissingTool(PipelineError):

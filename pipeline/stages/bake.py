@@ -21,7 +21,7 @@ import yaml
 from pipeline import fingerprint as fp
 from pipeline import render
 from pipeline.config import Config, ImageConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ToolError
 from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
@@ -204,14 +204,17 @@ def _packer_build(
     template = run.dir / "image.pkr.hcl"
     template.write_text(rendered, encoding="utf-8")
 
-    run.command(
-        ["packer", "build", "-color=false", "-on-error=cleanup", str(template)],
-        what="packer build",
-        prefix=f"[{image.name} {version} > bake] ",
-        timeout=PACKER_TIMEOUT,
-        env={"PACKER_CACHE_DIR": str(config.state_dir / "cache" / "packer")},
-        cwd=run.dir,
-    )
+    try:
+        run.command(
+            ["packer", "build", "-color=false", "-on-error=cleanup", str(template)],
+            what="packer build",
+            prefix=f"[{image.name} {version} > bake] ",
+            timeout=PACKER_TIMEOUT,
+            env={"PACKER_CACHE_DIR": str(config.state_dir / "cache" / "packer")},
+            cwd=run.dir,
+        )
+    except ToolError as exc:
+        raise _explain_packer_failure(exc) from None
     disk = work / "disk.qcow2"
     if not disk.is_file():
         raise ConfigError(str(template), None, f"Packer finished but wrote no {disk.name}")
@@ -283,6 +286,28 @@ def _ansible_env(config: Config) -> list[str]:
         "ANSIBLE_SSH_ARGS=-o ControlMaster=auto -o ControlPersist=60s"
         " -o UserKnownHostsFile=/dev/null",
     ]
+
+
+def _explain_packer_failure(exc: ToolError) -> ToolError:
+    """Put the failing Ansible task (or Packer's own error) first: it is what the user needs."""
+    try:
+        lines = Path(exc.log).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return exc
+    failed_task = ""
+    causes = []
+    for line in lines:
+        text = line.split("qemu.image: ", 1)[-1].strip()
+        if text.startswith("TASK ["):
+            failed_task = text[6:].split("]", 1)[0]
+        elif text.startswith(("fatal:", "failed:")) and failed_task:
+            causes.append(f"task [{failed_task}] {text}")
+        elif text.startswith("Build 'qemu.image' errored"):
+            causes.append(text)
+    if not causes:
+        return exc
+    cause = "\n  ".join(causes)[:4000]
+    return ToolError(exc.what, exc.argv, exc.returncode, exc.tail, exc.log, cause=cause)
 
 
 def _finish_image_folder(work: Path, base: baseimage.BaseImage, manifest: dict[str, Any]) -> None:
