@@ -1,0 +1,212 @@
+"""The whole user story on real VMs: Packer, QEMU, Molecule and Terraform, through the CLI.
+
+run -> change a role -> run (every instance replaced, new ones healthy before old ones go) ->
+run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> deploy (recreated);
+and a bake whose role fails leaves no image, no version and no VM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.targets.local import qemu
+from pipeline.targets.local.baseimage import BaseImage
+
+pytestmark = [pytest.mark.vm, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parent.parent
+COMMAND_TIMEOUT = 2400
+
+
+class Project:
+    """A copy of the example project in a temporary folder, driven through `python -m pipeline`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / ".pipeline"
+
+    def pipeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            pytest.fail(f"pipeline {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+        return done
+
+    def run_json(self, *args: str) -> tuple[dict, str]:
+        done = self.pipeline(*args, "--json")
+        return json.loads(done.stdout), done.stderr
+
+    def vm_processes(self) -> list[str]:
+        """Command lines of every QEMU whose files live in this project's state."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "qemu-system" in cmdline and str(self.state) in cmdline:
+                found.append(cmdline)
+        return found
+
+
+def _share_base(state: Path, shared: Path) -> None:
+    # The session's base image and key are reused, so that this story bakes only its own images.
+    state.mkdir(parents=True)
+    for name in ("base", "keys", "accel.json"):
+        if (shared / name).exists():
+            (state / name).symlink_to(shared / name)
+
+
+@pytest.fixture(scope="module")
+def project(
+    tmp_path_factory: pytest.TempPathFactory, state_dir: Path, base_image: BaseImage
+) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("roles", "templates", "molecule"):
+        shutil.copytree(REPO / name, root / name)
+    config = yaml.safe_load((REPO / "pipeline.yml").read_text())
+    # The page's text comes from the role's own default, so that editing the role changes it.
+    config["images"]["web"].pop("vars", None)
+    (root / "pipeline.yml").write_text(yaml.safe_dump(config))
+    _share_base(root / ".pipeline", state_dir)
+    project = Project(root)
+    yield project
+    project.pipeline("destroy", "dev", check=False)
+    for record in qemu.list_vms(project.state / "vms"):
+        qemu.stop(record)
+
+
+def _page(url: str) -> str:
+    assert url.startswith("http://127.0.0.1:"), url
+    with urllib.request.urlopen(url + "/", timeout=10) as response:
+        return response.read().decode()
+
+
+def _set_message(project: Project, message: str) -> None:
+    defaults = project.root / "roles" / "webservice" / "defaults" / "main.yml"
+    text = defaults.read_text()
+    text = re.sub(r"^webservice_message: .*$", f"webservice_message: {message}", text, flags=re.M)
+    defaults.write_text(text)
+
+
+def _apply_log(run_dir: str) -> list[str]:
+    logs = sorted(Path(run_dir, "logs").glob("terraform-*-apply.log"))
+    assert logs, f"no terraform apply log in {run_dir}"
+    return logs[-1].read_text().splitlines()
+
+
+def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
+    # First run: bake, verify, promote, deploy two healthy instances.
+    first, _ = project.run_json("run", "web", "--env", "dev")
+    assert (first["baked"], first["verified"], first["promoted"]) == (True, True, True)
+    instances = first["deploy"]["instances"]
+    assert len(instances) == 2
+    for instance in instances:
+        assert instance["health"] == "healthy"
+        page = _page(instance["url"])
+        assert "Hello from an immutable image" in page
+        assert f"image: web {first['version']}" in page
+        assert f"host: {instance['name']}" in page
+    first_names = {i["name"] for i in instances}
+
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert {i["url"] for i in status["instances"]} == {i["url"] for i in instances}
+    assert status["drift"] == []
+
+    # A role changes: a new version is baked, verified and rolled out, new instances first.
+    _set_message(project, "Hello from the second version")
+    second, _ = project.run_json("run", "web", "--env", "dev")
+    assert second["baked"] and second["version"] != first["version"]
+    new_instances = second["deploy"]["instances"]
+    new_names = {i["name"] for i in new_instances}
+    assert len(new_names) == 2 and not new_names & first_names
+    assert set(second["deploy"]["destroyed"]) == first_names
+    for instance in new_instances:
+        assert "Hello from the second version" in _page(instance["url"])
+    for old in instances:
+        assert not (project.state / "vms" / old["name"]).exists()
+    log = _apply_log(second["run_dir"])
+    created = [n for n, line in enumerate(log) if "Creation complete" in line]
+    destroying = [n for n, line in enumerate(log) if "Destroying..." in line]
+    assert len(created) == 2 and len(destroying) == 2
+    assert max(created) < min(destroying), "an old instance went before every new one was up"
+
+    # Nothing changed: nothing is baked and the fleet is left alone.
+    third, stderr = project.run_json("run", "web", "--env", "dev")
+    assert (third["baked"], third["version"]) == (False, second["version"])
+    assert third["deploy"]["changed"] is False
+    assert "unchanged" in stderr and "already on" in stderr
+    assert {i["name"] for i in third["deploy"]["instances"]} == new_names
+
+    # A VM dies behind Terraform's back: status shows it, the next deploy recreates it.
+    victim = sorted(new_names)[0]
+    record = qemu.load(project.state / "vms", victim)
+    os.kill(record.pid, signal.SIGKILL)
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert any(victim in line for line in status["drift"]), status["drift"]
+
+    healed, stderr = project.run_json("deploy", "dev")
+    assert "drift" in stderr and victim in stderr
+    assert healed["changed"] is True
+    assert {i["name"] for i in healed["instances"]} == new_names
+    assert all(i["health"] == "healthy" for i in healed["instances"])
+    assert qemu.load(project.state / "vms", victim).pid != record.pid
+
+    # Tearing down leaves no VM of this project running.
+    project.pipeline("destroy", "dev")
+    assert project.vm_processes() == []
+
+
+def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Project) -> None:
+    failing = project.root / "roles" / "failing" / "tasks"
+    failing.mkdir(parents=True)
+    (failing / "main.yml").write_text(
+        "---\n- name: Refuse to bake\n  ansible.builtin.fail:\n    msg: this role always fails\n"
+    )
+    config = yaml.safe_load((project.root / "pipeline.yml").read_text())
+    config["images"]["broken"] = {"version": "0.1.0", "roles": ["failing"]}
+    (project.root / "pipeline.yml").write_text(yaml.safe_dump(config))
+
+    done = project.pipeline("bake", "broken", check=False)
+
+    assert done.returncode == 4, done.stderr
+    assert "packer build failed" in done.stderr
+    assert "this role always fails" in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = json.loads(project.pipeline("images", "broken", "--json").stdout)
+    assert listed == []
+    images = project.state / "images" / "broken"
+    assert not images.exists() or list(images.iterdir()) == []
+    assert project.vm_processes() == []
+    assert not any("packer" in p for p in _process_names())
+
+
+def _process_names() -> list[str]:
+    names = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                names.append((proc / "comm").read_text().strip())
+            except OSError:
+                continue
+    return names
