@@ -96,10 +96,18 @@ class Fleet:
         return found
 
 
-def make_fleet(root: Path, state_dir: Path, *, binary: str | None = None, size: int = 1) -> Fleet:
+def make_fleet(
+    root: Path,
+    state_dir: Path,
+    *,
+    binary: str | None = None,
+    size: int = 1,
+    health_timeout: int = 600,
+) -> Fleet:
     workdir = root / "env"
     workdir.mkdir(parents=True)
-    (workdir / "main.tf").write_text(fleet_config(size=size), encoding="utf-8")
+    config = fleet_config(size=size, health_timeout=health_timeout)
+    (workdir / "main.tf").write_text(config, encoding="utf-8")
     log_dir = root / "logs"
     tf = Terraform(binary, workdir, root / "plugins", log_dir)
     return Fleet(tf=tf, vm_root=root / "vms", state_dir=state_dir, log_dir=log_dir)
@@ -329,6 +337,7 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     assert http_status(old["url"]) == 200
     [old_record] = qemu.list_vms(vm_fleet.vm_root)
     assert qemu.is_running(old_record)
+    assert not tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")).has_changes
 
     # Version B: the plan replaces it, creating the new one first.
     plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
@@ -405,3 +414,27 @@ def test_interrupted_apply_leaves_no_vm_and_no_instance_in_state(
     assert qemu_pids(vm_fleet.vm_root) == []
     assert tf.state_instances() == []
     assert qemu.list_vms(vm_fleet.vm_root) == []
+
+
+@pytest.mark.vm
+def test_an_instance_that_never_gets_healthy_is_stopped_and_explained(
+    tmp_path: Path, state_dir: Path, base_image: BaseImage
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir, health_timeout=15)
+    plain = {**fleet.vars(base_image, "1.0.0", "h1"), "append": base_image.append}
+
+    try:
+        with pytest.raises(ToolError, match="terraform apply") as caught:
+            fleet.tf.apply(fleet.tf.plan(plain))
+        log = Path(str(caught.value).split("full output: ")[1].split(")")[0])
+        # Terraform wraps diagnostics to its terminal width.
+        output = " ".join(log.read_text().split())
+    finally:
+        for record in qemu.list_vms(fleet.vm_root):
+            qemu.stop(record, remove=True)
+
+    assert "web-test-h1-0: the instance never became healthy" in output
+    assert "no healthy answer on / within 15 s" in output
+    assert "Last lines of its serial console" in output
+    assert qemu_pids(fleet.vm_root) == []
+    assert fleet.tf.state_instances() == []

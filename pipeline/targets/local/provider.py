@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ DEFAULT_LOG = "pipeline-provider.log"
 LOG_FORMAT = "%(asctime)s.%(msecs)03d pid=%(process)d %(levelname)s %(message)s"
 ADDRESS = "127.0.0.1"
 SERIAL_TAIL_LINES = 30
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # How often a create waiting for health looks up from the wait to see if it should give up.
 HEALTH_POLL_SECONDS = 2.0
 DEFAULTS: dict[str, Any] = {
@@ -169,11 +171,15 @@ class Instance(Resource):
             _inflight[name] = record
         try:
             problem = _wait_healthy(record, spec["health_path"], float(spec["health_timeout"]))
+        except BaseException:
+            _stop_quietly(record)
+            raise
         finally:
             with _inflight_lock:
                 _inflight.pop(name, None)
         if problem is not None:
-            tail = "\n".join(qemu.serial_tail(record, SERIAL_TAIL_LINES))
+            lines = qemu.serial_tail(record, SERIAL_TAIL_LINES)
+            tail = "\n".join(_plain(line) for line in lines if line.strip())
             log.error("create %s: %s; stopping it. Serial console tail:\n%s", name, problem, tail)
             _stop_quietly(record)
             detail = f"{problem}. Last lines of its serial console ({record.serial_log}):\n{tail}"
@@ -287,7 +293,13 @@ def _wait_healthy(record: qemu.VmRecord, path: str, timeout: float) -> str | Non
             qemu.wait_http(record, path=path, timeout=min(HEALTH_POLL_SECONDS, left))
             return None
         except Exception as exc:
-            last = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # qemu's message goes on with the serial tail, which the caller adds once at the end.
+            last = str(exc).split(";", 1)[0] or type(exc).__name__
+
+
+def _plain(line: str) -> str:
+    """A console line without its colour codes."""
+    return ANSI_ESCAPE.sub("", line)
 
 
 def _stop_quietly(record: qemu.VmRecord) -> None:
