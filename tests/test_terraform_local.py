@@ -262,8 +262,13 @@ def test_plan_creates_every_instance_with_its_version_in_the_name(
 
     plan = fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "b100"))
 
-    assert [c.action for c in plan.changes] == ["create", "create"]
-    assert [c.name for c in plan.changes] == ["web-test-b100-0", "web-test-b100-1"]
+    instances = [c for c in plan.changes if c.type == "pipeline_instance"]
+    assert [c.action for c in instances] == ["create", "create"]
+    assert [c.name for c in instances] == ["web-test-b100-0", "web-test-b100-1"]
+    # The fleet-wide object that makes every new instance come up before any old one goes.
+    assert [(c.type, c.action) for c in plan.changes if c.type != "pipeline_instance"] == [
+        ("terraform_data", "create")
+    ]
     assert plan.drift == []
     assert plan.path.exists()
     assert [i["version"] for i in plan.outputs["instances"]] == ["1.0.0", "1.0.0"]
@@ -302,7 +307,8 @@ def test_a_terraform_binary_plans_the_same_fleet(
     plan = fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "b1"))
 
     assert re.match(r"\d+\.\d+\.\d+", fleet.tf.version())
-    assert [(c.action, c.name) for c in plan.changes] == [("create", "web-test-b1-0")]
+    instances = [c for c in plan.changes if c.type == "pipeline_instance"]
+    assert [(c.action, c.name) for c in instances] == [("create", "web-test-b1-0")]
 
 
 # -- real VMs -----------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
 
     # Version B: the plan replaces it, creating the new one first.
     plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    [change] = plan.changes
+    [change] = [c for c in plan.changes if c.type == "pipeline_instance"]
     assert change.action == "replace"
     assert change.create_before_destroy
     assert (change.before or {})["name"] == "web-test-a1-0"
@@ -369,7 +375,9 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     os.kill(victim.pid, signal.SIGKILL)
     plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
     assert [(d.address, d.action) for d in plan.drift] == [("pipeline_instance.fleet[0]", "delete")]
-    assert [(c.action, c.name) for c in plan.changes] == [("create", "web-test-b2-0")]
+    assert [(c.action, c.name) for c in plan.changes if c.action != "no-op"] == [
+        ("create", "web-test-b2-0")
+    ]
     outputs = tf.apply(plan)
     [back] = qemu.list_vms(vm_fleet.vm_root)
     assert back.pid != victim.pid

@@ -90,7 +90,8 @@ def deploy(
 
     plan = tf.plan(_variables(config, version))
     _report_plan(plan, log)
-    run.event("deploy.plan", changes=[(c.name, c.action) for c in plan.changes if c.name])
+    changes = [c for c in plan.changes if c.type == "pipeline_instance"]
+    run.event("deploy.plan", changes=[(c.name, c.action) for c in changes])
     if plan.has_changes:
         try:
             tf.apply(plan)
@@ -115,8 +116,8 @@ def deploy(
         "env": environment.name,
         "version": version.version,
         "changed": plan.has_changes,
-        "created": [c.name for c in plan.changes if c.action in ("create", "replace")],
-        "destroyed": [_before_name(c) for c in plan.changes if c.action in ("delete", "replace")],
+        "created": [c.name for c in changes if c.action in ("create", "replace")],
+        "destroyed": [_before_name(c) for c in changes if c.action in ("delete", "replace")],
         "instances": instances,
     }
 
@@ -245,9 +246,11 @@ def _placeholder_variables(config: Config) -> dict[str, Any]:
 
 def _report_plan(plan: Plan, log: Any) -> None:
     for change in plan.drift:
-        if change.action == "delete" or change.after is None:
+        if change.type == "pipeline_instance" and (change.action == "delete" or not change.after):
             log.warning("drift: %s is gone; it will be created again", _before_name(change))
     for change in plan.changes:
+        if change.type != "pipeline_instance":
+            continue
         if change.action == "replace":
             order = "new first" if change.create_before_destroy else "old first"
             log.info("replace %s -> %s (%s)", _before_name(change), change.name, order)
