@@ -70,6 +70,7 @@ def test_every_golden_case_has_its_three_files() -> None:
         "hcl-scalars",
         "hcl-strings",
         "packer-local",
+        "terraform-local",
     ]
     for case in CASES:
         assert sorted(path.name for path in case.iterdir()) == CASE_FILES, case.name

@@ -1,0 +1,29 @@
+"""The roles and Molecule playbooks pass ansible-lint's production profile."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    shutil.which("ansible-lint", path=str(Path(sys.executable).parent)) is None,
+    reason="ansible-lint is not installed",
+)
+def test_roles_and_molecule_playbooks_are_lint_clean() -> None:
+    lint = Path(sys.executable).parent / "ansible-lint"
+    done = subprocess.run(
+        [str(lint), "--nocolor", "--profile", "production", "roles", "molecule"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
