@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from projects import MINIMAL
 
 from pipeline import cli
 from pipeline.errors import EXIT_CODES
 
 REPO = Path(__file__).resolve().parent.parent
 
-PROJECT = """\
-images:
-  web:
-    version: 1.0.0
-    roles: [base, webservice]
-environments:
-  dev:
-    image: web
-"""
+PROJECT = MINIMAL
 
 
 def pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

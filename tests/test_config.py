@@ -5,21 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from projects import MINIMAL
 
 from pipeline import config
 from pipeline.errors import ConfigError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
-GOOD = """\
-images:
-  web:
-    version: 1.0.0
-    roles: [base, webservice]
-environments:
-  dev:
-    image: web
-"""
+GOOD = MINIMAL
 
 
 def _write(tmp_path: Path, text: str) -> Path:

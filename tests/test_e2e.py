@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +211,56 @@ def _process_names() -> list[str]:
             except OSError:
                 continue
     return names
+
+
+def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    """Start `pipeline ARGS`, press Ctrl-C once one of its VMs runs, and wait for it to end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 900
+    while not project.vm_processes():
+        assert proc.poll() is None, f"pipeline {' '.join(args)} ended before any VM ran"
+        assert time.monotonic() < deadline, "no VM started within 900 s"
+        time.sleep(1)
+    time.sleep(3)
+    # A terminal's Ctrl-C goes to the foreground process group: the pipeline's.
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_during_a_bake_leaves_no_vm_no_image_and_no_version(project: Project) -> None:
+    before = json.loads(project.pipeline("images", "web", "--json").stdout)
+    _set_message(project, "Hello from a bake that never finishes")
+
+    done = _interrupt_when_a_vm_runs(project, "bake", "web")
+
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
+    assert project.vm_processes() == []
+    assert json.loads(project.pipeline("images", "web", "--json").stdout) == before
+    leftovers = [p.name for p in (project.state / "images" / "web").iterdir()]
+    assert not [name for name in leftovers if name.startswith(".tmp")], leftovers
+
+
+def test_ctrl_c_during_a_deploy_leaves_no_vm_and_a_usable_state(project: Project) -> None:
+    project.pipeline("destroy", "dev")
+
+    done = _interrupt_when_a_vm_runs(project, "deploy", "dev")
+
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert project.vm_processes() == []
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert all(not item["running"] for item in status["instances"])
+    healed, _ = project.run_json("deploy", "dev")
+    assert len(healed["instances"]) == 2
+    assert all(i["health"] == "healthy" for i in healed["instances"])
+    project.pipeline("destroy", "dev")
+    assert project.vm_processes() == []

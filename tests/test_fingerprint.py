@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from projects import MINIMAL
 
 from pipeline import config
 from pipeline import fingerprint as fp
@@ -106,15 +107,7 @@ def test_combine_does_not_depend_on_the_order_parts_are_given() -> None:
 # Roles named in pipeline.yml
 
 
-PROJECT = """\
-images:
-  web:
-    version: 1.0.0
-    roles: [base, webservice]
-environments:
-  dev:
-    image: web
-"""
+PROJECT = MINIMAL
 
 
 @pytest.fixture
