@@ -128,12 +128,6 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             if version.state == "built":
                 version = verify_stage.verify(config, version, run=run_, registry=registry)
                 verified = True
-            elif version.state == "failed":
-                message = (
-                    f"{version.label} has these exact inputs and failed verification:"
-                    f" {version.failure}; change the roles or template to bake a new version"
-                )
-                raise PipelineError(message)
             promoted = registry.promote(image, environment.channel, version.version)
             log = context(version.label, Stage.PROMOTE.value)
             if promoted:
