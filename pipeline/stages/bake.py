@@ -26,6 +26,7 @@ from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.targets.local import accel, baseimage
+from pipeline.tools.ansible_output import failed_tasks
 from pipeline.tools.versions import binary_version, python_package_version
 
 # Bumped when the way this module turns a recipe into an image changes.
@@ -294,16 +295,8 @@ def _explain_packer_failure(exc: ToolError) -> ToolError:
         lines = Path(exc.log).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return exc
-    failed_task = ""
-    causes = []
-    for line in lines:
-        text = line.split("qemu.image: ", 1)[-1].strip()
-        if text.startswith("TASK ["):
-            failed_task = text[6:].split("]", 1)[0]
-        elif text.startswith(("fatal:", "failed:")) and failed_task:
-            causes.append(f"task [{failed_task}] {text}")
-        elif text.startswith("Build 'qemu.image' errored"):
-            causes.append(text)
+    causes = failed_tasks(lines, prefix="qemu.image: ")
+    causes += [line.strip() for line in lines if "Build 'qemu.image' errored" in line]
     if not causes:
         return exc
     cause = "\n  ".join(causes)[:4000]
