@@ -57,6 +57,10 @@ class Project:
 
     def vm_processes(self) -> list[str]:
         """Command lines of every QEMU whose files live in this project's state."""
+        return self.processes("qemu-system")
+
+    def processes(self, program: str) -> list[str]:
+        """Command lines of every `program` process that names this project's folder."""
         found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -65,7 +69,7 @@ class Project:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if "qemu-system" in cmdline and str(self.state) in cmdline:
+            if program in cmdline and str(self.root) in cmdline:
                 found.append(cmdline)
         return found
 
@@ -199,18 +203,7 @@ def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Projec
     images = project.state / "images" / "broken"
     assert not images.exists() or list(images.iterdir()) == []
     assert project.vm_processes() == []
-    assert not any("packer" in p for p in _process_names())
-
-
-def _process_names() -> list[str]:
-    names = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                names.append((proc / "comm").read_text().strip())
-            except OSError:
-                continue
-    return names
+    assert project.processes("packer") == []
 
 
 def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
