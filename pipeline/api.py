@@ -184,6 +184,14 @@ def status(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]
         return deploy_stage.status(config, environment, registry=registry)
 
 
+def inventory(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """Environment `env`'s running instances as an Ansible dynamic inventory."""
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, _registry):
+        return deploy_stage.inventory(config, config.environment(env))
+
+
 def images(image: str, *, config_path: Path | str | None = None) -> list[ImageVersion]:
     with _project(config_path) as (config, registry):
         config.image(image)

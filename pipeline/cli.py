@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("env")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = command(
+        "inventory",
+        "an environment's running instances as Ansible inventory JSON (see inventories/)",
+        _cmd_inventory,
+    )
+    p.add_argument("env")
+    p.add_argument("--list", action="store_true", help="the whole inventory (the default)")
+    p.add_argument("--host", metavar="NAME", help="one host's variables (all are in --list)")
+
     p = command("images", "list the versions of an image", _cmd_images)
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -189,6 +198,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _print_instances(result.get("instances", []))
     for line in result.get("drift", []):
         print(f"drift: {line}")
+    return 0
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    data = api.inventory(args.env, config_path=args.config)
+    if args.host:
+        _print_json(data["_meta"]["hostvars"].get(args.host, {}))
+    else:
+        _print_json(data)
     return 0
 
 

@@ -87,7 +87,7 @@ def project(
     tmp_path_factory: pytest.TempPathFactory, state_dir: Path, base_image: BaseImage
 ) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("project")
-    for name in ("roles", "templates", "molecule"):
+    for name in ("roles", "templates", "molecule", "inventories"):
         shutil.copytree(REPO / name, root / name)
     config = yaml.safe_load((REPO / "pipeline.yml").read_text())
     # The page's text comes from the role's own default, so that editing the role changes it.
@@ -137,6 +137,27 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     status = json.loads(project.pipeline("status", "dev", "--json").stdout)
     assert {i["url"] for i in status["instances"]} == {i["url"] for i in instances}
     assert status["drift"] == []
+
+    # Ansible reaches the live fleet through the environment's inventory.
+    ping = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible")),
+            "-i",
+            "inventories/dev",
+            "all",
+            "-m",
+            "ansible.builtin.ping",
+            "-o",
+        ],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PIPELINE": str(Path(sys.executable).with_name("pipeline"))},
+    )
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert sorted(re.findall(r"^(\S+) \| SUCCESS", ping.stdout, re.M)) == sorted(first_names)
 
     # A role changes: a new version is baked, verified and rolled out, new instances first.
     _set_message(project, "Hello from the second version")

@@ -170,6 +170,34 @@ def fleet(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list
     return found
 
 
+def inventory(config: Config, environment: EnvironmentConfig) -> dict[str, Any]:
+    """The running instances as an Ansible inventory (the `--list` JSON of a dynamic inventory)."""
+    key = config.state_dir / "keys" / "id_ed25519"
+    tf = terraform_for(config, environment, config.state_dir / "logs" / "inventory")
+    hostvars = {}
+    for item in fleet(config, environment, tf):
+        if not item["running"]:
+            continue
+        hostvars[item["name"]] = {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": item["ssh_port"],
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(key),
+            # Every instance gets fresh host keys at first boot, and its port is reused later.
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no"
+            " -o UserKnownHostsFile=/dev/null",
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "image_version": item["version"],
+            "instance_url": item["url"],
+        }
+    group = environment.name.replace("-", "_")
+    return {
+        "_meta": {"hostvars": hostvars},
+        "all": {"children": [group]},
+        group: {"hosts": sorted(hostvars)},
+    }
+
+
 def status(config: Config, environment: EnvironmentConfig, *, registry: Registry) -> dict[str, Any]:
     """What runs in the environment, and how it differs from what should."""
     channel = registry.channel(environment.image, environment.channel)
