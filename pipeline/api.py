@@ -15,8 +15,8 @@ from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import locks
-from pipeline.config import Config
-from pipeline.errors import PipelineError, UsageError
+from pipeline.config import NAME, Config
+from pipeline.errors import Interrupted, PipelineError, UsageError
 from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry, open_registry
 from pipeline.runs import Run
@@ -61,6 +61,9 @@ def _project(config_path: Path | str | None) -> Iterator[tuple[Config, Registry]
 def _recorded(run: Run) -> Iterator[Run]:
     try:
         yield run
+    except Interrupted as exc:
+        run.finish("interrupted", exc.exit_code, str(exc))
+        raise
     except PipelineError as exc:
         run.finish("failed", exc.exit_code, str(exc))
         raise
@@ -99,12 +102,24 @@ def verify(
 
 def promote(
     image: str, channel: str, version: str | None = None, *, config_path: Path | str | None = None
-) -> bool:
-    """Point `channel` at a verified version (by default the newest verified one)."""
+) -> tuple[bool, ImageVersion]:
+    """Point `channel` at a verified version (by default the newest verified one).
+
+    Returns whether the channel moved (False when it already pointed there), and the version.
+    """
     with _project(config_path) as (config, registry):
         config.image(image)
-        target = _pick_version(registry, image, version)
-        return registry.promote(image, channel, target.version)
+        if not NAME.match(channel):
+            raise UsageError(f"{channel!r} is not a channel name (expected {NAME.pattern})")
+        if version is None:
+            verified = [v for v in registry.versions(image) if v.state == "verified"]
+            if not verified:
+                raise UsageError(f"{image} has no verified version to promote")
+            target = verified[-1]
+        else:
+            target = registry.get(image, version)
+        with locks.hold(config.state_dir, f"image-{image}", build_id="promote"):
+            return registry.promote(image, channel, target.version), target
 
 
 def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunResult:

@@ -165,8 +165,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    moved = api.promote(args.image, args.channel, args.version, config_path=args.config)
-    print("moved" if moved else "unchanged")
+    moved, version = api.promote(args.image, args.channel, args.version, config_path=args.config)
+    state = "now points at" if moved else "already on"
+    print(f"channel {args.channel} of {version.image} {state} {version.version}")
     return 0
 
 

@@ -27,6 +27,7 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TARGETS = ("local",)
 BUMPS = ("patch", "minor", "major")
+MAX_IMAGE_AND_ENVIRONMENT = 28
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,22 @@ class _Reader:
             raise self.fail(key, f"must be a mapping, got {_kind(value)} {value!r}")
         return value
 
+    def plain_value(self, value: Any, key: str) -> None:
+        """Strings, numbers, booleans, null, and lists and mappings of them: what JSON holds."""
+        if value is None or isinstance(value, str | bool | int | float):
+            return
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                self.plain_value(item, f"{key}[{index}]")
+            return
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if not isinstance(name, str):
+                    raise self.fail(f"{key}.{name}", "mapping keys must be strings (quote it)")
+                self.plain_value(item, f"{key}.{name}")
+            return
+        raise self.fail(key, f"{value!r} is a {type(value).__name__}; quote it to make it a string")
+
     def string(self, value: Any, key: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, got {_kind(value)} {value!r}")
@@ -236,15 +253,21 @@ def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
         base = BaseConfig(suite=suite, packages=packages)
 
     variables = reader.any_mapping(item.get("vars", {}), f"{key}.vars")
-    for var in variables:
+    for var, value in variables.items():
         reader.string(var, f"{key}.vars.{var}", ROLE_NAME)
+        reader.plain_value(value, f"{key}.vars.{var}")
+
+    template = reader.string(item.get("template", ImageConfig.template), f"{key}.template")
+    if template.startswith("/") or ".." in template.split("/"):
+        message = f"{template!r} must be a path inside the templates folder (no '/' or '..' start)"
+        raise reader.fail(f"{key}.template", message)
 
     return ImageConfig(
         name=name,
         version=version,
         roles=roles,
         base=base,
-        template=reader.string(item.get("template", ImageConfig.template), f"{key}.template"),
+        template=template,
         vars=dict(variables),
         bump=reader.choice(item.get("bump", "patch"), f"{key}.bump", BUMPS),
         service_port=reader.integer(
@@ -264,6 +287,14 @@ def _environment(
     if image not in images:
         known = ", ".join(sorted(images))
         raise reader.fail(f"{key}.image", f"{image!r} is not an image declared here ({known})")
+    if len(image) + len(name) > MAX_IMAGE_AND_ENVIRONMENT:
+        # Instance names, which are also host names (at most 63 characters), are
+        # <image>-<environment>-<build id>-<settings hash>-<index>.
+        message = (
+            f"image {image!r} and environment {name!r} make instance names too long: together"
+            f" they may have at most {MAX_IMAGE_AND_ENVIRONMENT} characters"
+        )
+        raise reader.fail(key, message)
 
     health = HealthConfig(path=images[image].health_path)
     if "health" in item:

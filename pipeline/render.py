@@ -90,10 +90,23 @@ def render(templates_dir: Path, name: str, context: Mapping[str, Any]) -> str:
         line = _template_line(exc, path)
         where = f"{path}:{line}" if line else str(path)
         raise TemplateError(where, None, f"undefined name: {exc.message}") from None
+    except jinja2.TemplateNotFound as exc:
+        line = _template_line(exc, path)
+        where = f"{path}:{line}" if line else str(path)
+        raise TemplateError(
+            where, None, f"includes a template that does not exist: {exc}"
+        ) from None
     except TypeError as exc:
+        # The hcl filter's refusals: the message already says what could not be written.
         line = _template_line(exc, path)
         where = f"{path}:{line}" if line else str(path)
         raise TemplateError(where, None, str(exc)) from None
+    except Exception as exc:
+        # Anything else raised while rendering (a division by zero, a bad filter argument) is
+        # still a fault of the template, not of the pipeline.
+        line = _template_line(exc, path)
+        where = f"{path}:{line}" if line else str(path)
+        raise TemplateError(where, None, f"{type(exc).__name__}: {exc}") from None
 
 
 def _template_line(exc: BaseException, path: Path) -> int | None:

@@ -167,6 +167,26 @@ BAD = [
         None,
         "must be a mapping, got nothing None",
     ),
+    (
+        "a-date-in-vars",
+        GOOD.replace(
+            "    version: 1.0.0\n", "    version: 1.0.0\n    vars:\n      day: 2024-01-01\n"
+        ),
+        "images.web.vars.day",
+        "is a date; quote it",
+    ),
+    (
+        "template-outside-the-templates-folder",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    template: ../pipeline.yml\n"),
+        "images.web.template",
+        "must be a path inside the templates folder",
+    ),
+    (
+        "names-too-long-for-a-host-name",
+        GOOD.replace("  dev:\n", "  development-environment-one:\n"),
+        "environments.development-environment-one",
+        "make instance names too long",
+    ),
 ]
 BAD_IDS = [case[0] for case in BAD]
 

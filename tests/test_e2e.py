@@ -198,6 +198,17 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     assert all(i["health"] == "healthy" for i in healed["instances"])
     assert qemu.load(project.state / "vms", victim).pid != record.pid
 
+    # A fleet template Terraform rejects fails the deploy and leaves the environment usable.
+    template = project.root / "templates" / "terraform" / "local" / "main.tf.j2"
+    good = template.read_text()
+    template.write_text(good + "\nbroken = = =\n")
+    broken = project.pipeline("deploy", "dev", check=False)
+    template.write_text(good)
+    assert broken.returncode == 4, broken.stderr
+    assert "terraform plan failed" in broken.stderr
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert {i["name"] for i in status["instances"]} == new_names
+
     # Tearing down leaves no VM of this project running.
     project.pipeline("destroy", "dev")
     assert project.vm_processes() == []

@@ -245,3 +245,23 @@ def test_a_value_hcl_cannot_hold_is_named_with_file_and_line(
         render.render(tmp_path, path.name, {"value": value})
 
     assert str(caught.value).startswith(f"{path}:2: {cause}")
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("a = {{ 1 // 0 }}\n", "ZeroDivisionError"),
+        ('{% include "nope.j2" %}\n', "includes a template that does not exist"),
+    ],
+    ids=["division-by-zero", "missing-include"],
+)
+def test_any_failure_while_rendering_is_the_templates_and_named(
+    tmp_path: Path, text: str, cause: str
+) -> None:
+    path = _template(tmp_path, text)
+
+    with pytest.raises(TemplateError) as caught:
+        render.render(tmp_path, path.name, {})
+
+    assert str(caught.value).startswith(f"{path}")
+    assert cause in str(caught.value)

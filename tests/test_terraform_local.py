@@ -92,8 +92,17 @@ class Fleet:
         for line in text.splitlines():
             match = re.search(patterns[event], line)
             if match:
-                found[match.group(1)] = datetime.fromisoformat(line.split(" ", 1)[0])
+                found[short(match.group(1))] = datetime.fromisoformat(line.split(" ", 1)[0])
         return found
+
+
+SETTINGS_HASH = re.compile(r"-[0-9a-f]{6}(-\d+)$")
+
+
+def short(name: str | None) -> str:
+    """An instance name without the hash of its settings: `web-test-b1-0`."""
+    assert name is not None and SETTINGS_HASH.search(name), name
+    return SETTINGS_HASH.sub(r"\1", name)
 
 
 def make_fleet(
@@ -264,7 +273,7 @@ def test_plan_creates_every_instance_with_its_version_in_the_name(
 
     instances = [c for c in plan.changes if c.type == "pipeline_instance"]
     assert [c.action for c in instances] == ["create", "create"]
-    assert [c.name for c in instances] == ["web-test-b100-0", "web-test-b100-1"]
+    assert [short(c.name) for c in instances] == ["web-test-b100-0", "web-test-b100-1"]
     # The fleet-wide object that makes every new instance come up before any old one goes.
     assert [(c.type, c.action) for c in plan.changes if c.type != "pipeline_instance"] == [
         ("terraform_data", "create")
@@ -308,7 +317,7 @@ def test_a_terraform_binary_plans_the_same_fleet(
 
     assert re.match(r"\d+\.\d+\.\d+", fleet.tf.version())
     instances = [c for c in plan.changes if c.type == "pipeline_instance"]
-    assert [(c.action, c.name) for c in instances] == [("create", "web-test-b1-0")]
+    assert [(c.action, short(c.name)) for c in instances] == [("create", "web-test-b1-0")]
 
 
 # -- real VMs -----------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     outputs = tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
     first_apply = time.monotonic() - started
     [old] = outputs["instances"]
-    assert old["name"] == "web-test-a1-0"
+    assert short(old["name"]) == "web-test-a1-0"
     assert http_status(old["url"]) == 200
     [old_record] = qemu.list_vms(vm_fleet.vm_root)
     assert qemu.is_running(old_record)
@@ -350,8 +359,8 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     [change] = [c for c in plan.changes if c.type == "pipeline_instance"]
     assert change.action == "replace"
     assert change.create_before_destroy
-    assert (change.before or {})["name"] == "web-test-a1-0"
-    assert change.name == "web-test-b2-0"
+    assert short((change.before or {})["name"]) == "web-test-a1-0"
+    assert short(change.name) == "web-test-b2-0"
 
     started = time.monotonic()
     outputs = tf.apply(plan)
@@ -366,16 +375,18 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     # The deposed old instance is really gone: from the state, from the disk, from the processes.
     state_text = (tf.workdir / "terraform.tfstate").read_text()
     assert "deposed" not in state_text
-    assert [(i["name"], i["deposed"]) for i in tf.state_instances()] == [("web-test-b2-0", None)]
+    assert [(short(i["name"]), i["deposed"]) for i in tf.state_instances()] == [
+        ("web-test-b2-0", None)
+    ]
     assert not qemu.is_running(old_record)
-    assert [r.name for r in qemu.list_vms(vm_fleet.vm_root)] == ["web-test-b2-0"]
+    assert [short(r.name) for r in qemu.list_vms(vm_fleet.vm_root)] == ["web-test-b2-0"]
 
     # Killed from outside: drift, and the next apply brings it back.
     [victim] = qemu.list_vms(vm_fleet.vm_root)
     os.kill(victim.pid, signal.SIGKILL)
     plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
     assert [(d.address, d.action) for d in plan.drift] == [("pipeline_instance.fleet[0]", "delete")]
-    assert [(c.action, c.name) for c in plan.changes if c.action != "no-op"] == [
+    assert [(c.action, short(c.name)) for c in plan.changes if c.action != "no-op"] == [
         ("create", "web-test-b2-0")
     ]
     outputs = tf.apply(plan)
@@ -407,7 +418,9 @@ def test_interrupted_apply_leaves_no_vm_and_no_instance_in_state(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while "create web-test-i1-0: pid" not in provider_log.read_text(encoding="utf-8"):
+        while not re.search(
+            r"create web-test-i1-[0-9a-f]{6}-0: pid", provider_log.read_text(encoding="utf-8")
+        ):
             assert time.monotonic() < deadline, "the provider never booted the VM"
             time.sleep(0.5)
         assert qemu_pids(vm_fleet.vm_root) != []
@@ -441,7 +454,7 @@ def test_an_instance_that_never_gets_healthy_is_stopped_and_explained(
         for record in qemu.list_vms(fleet.vm_root):
             qemu.stop(record, remove=True)
 
-    assert "web-test-h1-0: the instance never became healthy" in output
+    assert re.search(r"web-test-h1-[0-9a-f]{6}-0: the instance never became healthy", output)
     assert "no healthy answer on / within 15 s" in output
     assert "Last lines of its serial console" in output
     assert qemu_pids(fleet.vm_root) == []

@@ -113,6 +113,13 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
     log = context(image.name, "bake")
     inputs = gather_inputs(config, image, log_dir=run.dir / "logs")
     existing = registry.by_fingerprint(image.name, inputs.fingerprint)
+    if existing is not None and not (Path(existing.path) / "disk.qcow2").is_file():
+        log.warning(
+            "version %s has these inputs but its image file is gone (%s); baking again",
+            existing.version,
+            existing.path,
+        )
+        existing = None
     if existing is not None:
         log.info(
             "unchanged: fingerprint %s is version %s (%s); nothing to bake",
@@ -227,6 +234,7 @@ def _packer_build(
         "fingerprint": inputs.fingerprint,
         "inputs": inputs.parts,
         "roles": inputs.roles,
+        "role_order": list(image.roles),
         "vars": role_vars(image, version, run.build_id),
         "base": {
             "fingerprint": base.fingerprint,

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline import render
 from pipeline.config import Config, EnvironmentConfig
-from pipeline.errors import DeployFailed, UsageError
+from pipeline.errors import DeployFailed, PipelineError, UsageError
 from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run
@@ -82,13 +82,21 @@ def deploy(
     )
     tf = terraform_for(config, environment, run.dir / "logs")
     tf.workdir.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(tf.workdir / "main.tf", main_tf)
+    _check_image_files(version)
 
-    reaped = reap_orphans(config, environment, tf)
-    for name in reaped:
-        log.warning("stopped %s: a VM of this environment that Terraform does not know", name)
-
-    plan = tf.plan(_variables(config, version))
+    # A configuration Terraform rejects must not stay in place: status and destroy read the
+    # state through it. The previous one comes back unless the new one plans.
+    main_path = tf.workdir / "main.tf"
+    previous = main_path.read_text(encoding="utf-8") if main_path.is_file() else None
+    _write_if_changed(main_path, main_tf)
+    try:
+        for name in reap_orphans(config, environment, tf):
+            log.warning("stopped %s: a VM of this environment that Terraform does not know", name)
+        plan = tf.plan(_variables(config, version))
+    except BaseException:
+        if previous is not None:
+            _write_if_changed(main_path, previous)
+        raise
     _report_plan(plan, log)
     changes = [c for c in plan.changes if c.type == "pipeline_instance"]
     run.event("deploy.plan", changes=[(c.name, c.action) for c in changes])
@@ -149,8 +157,7 @@ def fleet(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list
     found = []
     for item in sorted(tf.state_instances(), key=lambda i: str(i.get("name"))):
         name = str(item.get("name"))
-        record_path = vm_root / name / "record.json"
-        running = record_path.is_file() and qemu.is_running(qemu.load(vm_root, name))
+        running = _running(vm_root, name)
         url = str(item.get("url") or "")
         health = "down"
         if running:
@@ -239,6 +246,16 @@ def reap_orphans(config: Config, environment: EnvironmentConfig, tf: Terraform) 
     return reaped
 
 
+def _running(vm_root: Path, name: str) -> bool:
+    if not (vm_root / name / "record.json").is_file():
+        return False
+    try:
+        return qemu.is_running(qemu.load(vm_root, name))
+    except (PipelineError, OSError, ValueError):
+        # An unreadable record is a VM nobody can manage: report it as not running.
+        return False
+
+
 def _environment_vms(config: Config, environment: EnvironmentConfig) -> list[qemu.VmRecord]:
     return [
         record
@@ -304,6 +321,19 @@ def _healthy(url: str) -> bool:
             return 200 <= int(response.status) < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _check_image_files(version: ImageVersion) -> None:
+    folder = Path(version.path)
+    missing = [
+        name for name in ("disk.qcow2", "vmlinuz", "initrd.img") if not (folder / name).is_file()
+    ]
+    if missing:
+        message = (
+            f"{version.label} cannot be deployed: {', '.join(missing)} missing from {folder}"
+            f" (bake a new version with `pipeline run {version.image} --env ENV`)"
+        )
+        raise DeployFailed(message)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -33,6 +33,11 @@ def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registr
         raise ConfigError(str(scenario / "molecule.yml"), None, message)
     if version.state == "revoked":
         raise VerifyFailed(f"{version.label} is revoked and cannot be verified")
+    if version.state == "verified":
+        # Verifying again would check the version against today's roles, not the ones it was
+        # baked from, and could fail a version that is deployed and must stay healable.
+        log.info("already verified; nothing to do")
+        return version
 
     log.info("booting a throwaway copy of build %s", version.build_id)
     run.event("verify.start", version=version.version)
@@ -94,7 +99,8 @@ def instance_name(version: ImageVersion, run: Run) -> str:
 def _molecule_env(config: Config, version: ImageVersion, run: Run) -> dict[str, str]:
     manifest = version.manifest
     vars_file = run.dir / "verify-vars.json"
-    write_json_atomic(vars_file, manifest.get("vars", {}))
+    roles = manifest.get("role_order") or list(config.image(version.image).roles)
+    write_json_atomic(vars_file, {**manifest.get("vars", {}), "pipeline_roles": roles})
     (run.dir / "molecule").mkdir(exist_ok=True)
     return {
         "PIPELINE_INSTANCE": instance_name(version, run),

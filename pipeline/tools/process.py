@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from pipeline.errors import Interrupted, MissingTool, ToolError
 
 TAIL_LINES = 15
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STOP_GRACE_SECONDS = 10.0
 
 # Every Packer and Terraform run: never call the vendor's update-check service.
@@ -155,7 +157,8 @@ def _pump(
 ) -> None:
     assert proc.stdout is not None
     for raw in proc.stdout:
-        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        # Tools colour their output even when told not to; logs and messages want plain text.
+        line = ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace").rstrip("\n"))
         lines.append(line)
         if log_file is not None:
             log_file.write(line + "\n")  # type: ignore[attr-defined]
