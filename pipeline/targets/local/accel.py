@@ -10,7 +10,6 @@ or hangs, and the probe's short timeout ends it. The verdict is cached per QEMU 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import tempfile
@@ -18,8 +17,9 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.log import context
 
-log = logging.getLogger(__name__)
+log = context("local", "accel")
 
 KVM_ARGS = ["-accel", "kvm", "-cpu", "host"]
 TCG_ARGS = ["-accel", "tcg", "-cpu", "max"]

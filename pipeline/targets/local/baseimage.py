@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ToolError
+from pipeline.log import context
 from pipeline.tools.process import run
 from pipeline.tools.versions import binary_version
 
@@ -174,6 +175,9 @@ def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> Base
     if (final / "manifest.json").exists():
         return _load(final)
 
+    context(f"base {spec.suite}", "build").info(
+        "building the Debian base image %s from packages (about a minute; cached after)", fp
+    )
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=final.parent))
     try:
