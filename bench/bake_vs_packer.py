@@ -37,9 +37,19 @@ def main() -> int:
     try:
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "pipeline", "-c", str(config_path), "bake", args.image,
-             "--json"],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "-c",
+                str(config_path),
+                "bake",
+                args.image,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         pipeline_seconds = time.perf_counter() - started
     finally:
@@ -57,13 +67,19 @@ def main() -> int:
     template = re.sub(r'output_directory = ".*"', f'output_directory = "{output}"', template)
     raw = scratch / "image.pkr.hcl"
     raw.write_text(template)
-    env = {**os.environ, "CHECKPOINT_DISABLE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "CHECKPOINT_DISABLE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     try:
         started = time.perf_counter()
         subprocess.run(
             ["packer", "build", "-color=false", str(raw)],
-            cwd=run_dir, env=env, check=True, capture_output=True,
+            cwd=run_dir,
+            env=env,
+            check=True,
+            capture_output=True,
         )
         packer_seconds = time.perf_counter() - started
     finally:

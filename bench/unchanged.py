@@ -31,8 +31,10 @@ def main() -> int:
         subprocess.run(command, capture_output=True, check=True)
         times.append(time.perf_counter() - started)
     print(f"pipeline bake {args.image} (unchanged), {args.runs} runs:")
-    print(f"  min {min(times):.3f} s  median {statistics.median(times):.3f} s"
-          f"  max {max(times):.3f} s  (goal < 0.3 s)")
+    print(
+        f"  min {min(times):.3f} s  median {statistics.median(times):.3f} s"
+        f"  max {max(times):.3f} s  (goal < 0.3 s)"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ import json
 import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 IMAGE_RECORD = "/etc/pipeline-image.json"
 
@@ -19,8 +20,8 @@ def load(path):
 
 
 class Handler(BaseHTTPRequestHandler):
-    config = {}
-    image = {}
+    config: ClassVar[dict] = {}
+    image: ClassVar[dict] = {}
 
     def do_GET(self):
         if self.path == "/healthz":
@@ -46,8 +47,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class names it so
-        sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
+    def log_message(self, format, *args):
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 
 def main():
