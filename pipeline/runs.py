@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import write_json_atomic
 from pipeline.tools import process
 
 
@@ -26,14 +27,6 @@ def new_build_id() -> str:
     """A sortable, unique id: UTC time plus randomness, safe in file, VM and Terraform names."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dt%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
-    os.replace(tmp, path)
 
 
 class Run:

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import render
 from pipeline.config import Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, PipelineError, UsageError
+from pipeline.files import write_text_atomic
 from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run
@@ -339,6 +340,4 @@ def _check_image_files(version: ImageVersion) -> None:
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)

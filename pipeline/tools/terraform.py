@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 import pipeline
 from pipeline.errors import MissingTool, ToolError
+from pipeline.files import write_text_atomic
 from pipeline.tools.process import Completed, run
 
 PROVIDER_SOURCE = "local/pipeline"
@@ -174,7 +174,7 @@ class Terraform:
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_plugin(self.plugin_dir)
         path = self.workdir / CLI_CONFIG_NAME
-        _write_atomic(path, cli_config_text(self.plugin_dir))
+        write_text_atomic(path, cli_config_text(self.plugin_dir))
         return path
 
     def _common(self, *, vars: bool = True) -> list[str]:
@@ -187,7 +187,7 @@ class Terraform:
         # A JSON file rather than -var flags: any value (maps, lists, quotes) passes unmangled.
         self.workdir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(vars), indent=2, sort_keys=True, default=str) + "\n"
-        _write_atomic(self.workdir / VARS_FILE_NAME, text)
+        write_text_atomic(self.workdir / VARS_FILE_NAME, text)
 
     def _show_plan(self, path: Path) -> Plan:
         done = self._run(["show", "-json", "-no-color", path.name], what="terraform show (plan)")
@@ -250,7 +250,7 @@ def write_plugin(plugin_dir: Path) -> Path:
     path = plugin_dir / PROVIDER_EXECUTABLE
     text = plugin_script_text()
     if not path.exists() or path.read_text(encoding="utf-8") != text:
-        _write_atomic(path, text, mode=0o755)
+        write_text_atomic(path, text, mode=0o755)
     return path
 
 
@@ -289,10 +289,3 @@ def _json_object(done: Completed) -> dict[str, Any]:
 
 def _sh_quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
-def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(mode)
-    tmp.replace(path)

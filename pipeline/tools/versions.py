@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import MissingTool
+from pipeline.files import write_json_atomic
 
 
 def binary_version(state_dir: Path, name: str, args: tuple[str, ...] = ("--version",)) -> str:
@@ -40,10 +41,7 @@ def binary_version(state_dir: Path, name: str, args: tuple[str, ...] = ("--versi
     text = (done.stdout or done.stderr).strip().splitlines()
     version = text[0] if text else "unknown"
     cache[key] = version
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    os.replace(tmp, cache_path)
+    write_json_atomic(cache_path, cache)
     return version
 
 

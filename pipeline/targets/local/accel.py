@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.files import write_json_atomic
 from pipeline.log import context
 
 log = context("local", "accel")
@@ -138,8 +138,4 @@ def _read_cache(path: Path) -> dict[str, object] | None:
 
 
 def _write_cache(path: Path, data: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".accel-", dir=path.parent)
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ToolError
+from pipeline.files import write_json_atomic
 from pipeline.log import context
 from pipeline.tools.process import run
 from pipeline.tools.versions import binary_version
@@ -266,9 +267,7 @@ def _build(work: Path, spec: BaseSpec, *, public_key: str, fp: str, log_dir: Pat
         },
         "disk_size": spec.disk_size,
     }
-    tmp = work / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.rename(work / "manifest.json")
+    write_json_atomic(work / "manifest.json", manifest)
 
 
 def _configure(root: Path, *, public_key: str) -> None:

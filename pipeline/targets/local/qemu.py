@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError, ToolError, UsageError
+from pipeline.files import write_json_atomic
 from pipeline.targets.local.accel import accel_args
 from pipeline.tools.process import run
 
@@ -334,9 +335,7 @@ def _start(
         labels=dict(labels),
         started_at=time.time(),
     )
-    tmp = vm_dir / "record.json.tmp"
-    tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
-    tmp.rename(vm_dir / "record.json")
+    write_json_atomic(vm_dir / "record.json", record.to_json())
     return record
 
 
