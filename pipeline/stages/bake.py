@@ -26,7 +26,7 @@ from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.targets.local import accel, baseimage
-from pipeline.tools.ansible_output import failed_tasks
+from pipeline.tools.ansible_output import failed_tasks, output_of
 from pipeline.tools.versions import binary_version, python_package_version
 
 # Bumped when the way this module turns a recipe into an image changes.
@@ -299,10 +299,7 @@ def _ansible_env(config: Config) -> list[str]:
 
 def _explain_packer_failure(exc: ToolError) -> ToolError:
     """Put the failing Ansible task (or Packer's own error) first: it is what the user needs."""
-    try:
-        lines = Path(exc.log).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return exc
+    lines = output_of(exc)
     causes = failed_tasks(lines, prefix="qemu.image: ")
     causes += [line.strip() for line in lines if "Build 'qemu.image' errored" in line]
     if not causes:

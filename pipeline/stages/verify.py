@@ -18,7 +18,7 @@ from pipeline.log import context
 from pipeline.registry.sqlite import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.targets.local import baseimage, qemu
-from pipeline.tools.ansible_output import failed_tasks
+from pipeline.tools.ansible_output import failed_tasks_of
 
 PLUGINS = Path(__file__).resolve().parent.parent / "ansible_plugins"
 MOLECULE_TIMEOUT = 1800
@@ -79,11 +79,7 @@ def _run_steps(version: ImageVersion, env: dict[str, str], run: Run) -> str:
             # The VM never started: the tools failed, not the image. Leave the version as built.
             raise
         step = exc.argv[1]
-        try:
-            lines = Path(exc.log).read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            lines = list(exc.tail)
-        causes = failed_tasks(lines)
+        causes = failed_tasks_of(exc)
         if not causes:
             causes = [next((line.strip() for line in reversed(exc.tail) if line.strip()), "")]
         log.error("molecule %s failed (exit code %s, log %s)", step, exc.returncode, exc.log)

@@ -8,8 +8,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.errors import ToolError
 
 MAX_DETAIL = 400
+
+
+def output_of(exc: ToolError) -> list[str]:
+    """The whole output of a command that failed: its log, else the tail the error kept."""
+    try:
+        return Path(exc.log).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return list(exc.tail)
+
+
+def failed_tasks_of(exc: ToolError, *, prefix: str = "") -> list[str]:
+    """The failed tasks in the whole output of a command that failed."""
+    return failed_tasks(output_of(exc), prefix=prefix)
 
 
 def failed_tasks(lines: Iterable[str], *, prefix: str = "") -> list[str]:
