@@ -83,7 +83,8 @@ def deploy(
     )
     tf = terraform_for(config, environment, run.dir / "logs")
     tf.workdir.mkdir(parents=True, exist_ok=True)
-    _check_image_files(version)
+    variables = _variables(config, version)
+    _check_image_files(version, variables)
 
     # A configuration Terraform rejects must not stay in place: status and destroy read the
     # state through it. The previous one comes back unless the new one plans.
@@ -93,7 +94,7 @@ def deploy(
     try:
         for name in reap_orphans(config, environment, tf):
             log.warning("stopped %s: a VM of this environment that Terraform does not know", name)
-        plan = tf.plan(_variables(config, version))
+        plan = tf.plan(variables)
     except BaseException:
         if previous is not None:
             _write_if_changed(main_path, previous)
@@ -324,11 +325,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _check_image_files(version: ImageVersion) -> None:
+def _check_image_files(version: ImageVersion, variables: dict[str, Any]) -> None:
+    """The files Terraform will be given must exist: say so before it does, in our words."""
     folder = Path(version.path)
-    missing = [
-        name for name in ("disk.qcow2", "vmlinuz", "initrd.img") if not (folder / name).is_file()
-    ]
+    paths = [Path(variables[key]) for key in ("image_path", "kernel", "initrd")]
+    missing = [path.name for path in paths if not path.is_file()]
     if missing:
         message = (
             f"{version.label} cannot be deployed: {', '.join(missing)} missing from {folder}"
