@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import postgres_server
 import pytest
 
 from pipeline.targets.local.baseimage import BaseImage, BaseSpec, ensure_base_image
@@ -27,3 +33,62 @@ def state_dir() -> Path:
 def base_image(state_dir: Path) -> BaseImage:
     """The default base image, built once (about a minute) and then taken from the cache."""
     return ensure_base_image(state_dir, BaseSpec(), log_dir=state_dir / "logs")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the session, on 127.0.0.1.
+
+    `PIPELINE_TEST_POSTGRES_URL` names one (`.ci/run` starts it); otherwise a throwaway server is
+    started for the session and stopped at its end. Skips when PostgreSQL is not installed.
+    """
+    given = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    try:
+        postgres_server.find_bindir()
+    except postgres_server.PostgresNotInstalled:
+        pytest.skip("PostgreSQL is not installed; .ci/run installs it")
+
+    # Not under pytest's tmp_path_factory: as root that lives in /tmp/pytest-of-root (mode 0700),
+    # which the postgres user the server runs as cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="pipeline-test-postgres-"))
+    try:
+        yield postgres_server.start(root)
+    finally:
+        postgres_server.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def new_postgres_db(postgres_url: str) -> Iterator[Callable[[], str]]:
+    """A function that creates an empty database on the session's server and returns its URL.
+
+    Each call makes another one; all are dropped when the test ends.
+    """
+    # Imported here: the rest of the suite must not need psycopg to be collected.
+    import psycopg
+    from psycopg import sql
+
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"pipeline_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created.append(name)
+        return urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+
+    yield create
+
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        for name in created:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            admin.execute(drop)
+
+
+@pytest.fixture
+def postgres_db_url(new_postgres_db: Callable[[], str]) -> str:
+    """The URL of an empty database made for this test alone, dropped when it ends."""
+    return new_postgres_db()
