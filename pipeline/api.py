@@ -7,6 +7,8 @@ project, takes the lock it needs, records a run folder and returns plain data.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,8 +19,18 @@ from pipeline import config as config_mod
 from pipeline import locks
 from pipeline.config import NAME, Config
 from pipeline.errors import Interrupted, PipelineError, UsageError
+from pipeline.files import write_text_atomic
 from pipeline.log import context
-from pipeline.registry.sqlite import ImageVersion, Registry, open_registry
+from pipeline.registry import (
+    ChannelMove,
+    ChannelMoved,
+    ImageVersion,
+    Registry,
+    open_registry,
+    picture,
+    retention,
+)
+from pipeline.registry.store import format_time
 from pipeline.runs import Run
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
@@ -43,6 +55,7 @@ class RunResult:
     baked: bool
     verified: bool
     promoted: bool
+    promotion: str = ""
     deploy: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
 
@@ -50,7 +63,7 @@ class RunResult:
 @contextlib.contextmanager
 def _project(config_path: Path | str | None) -> Iterator[tuple[Config, Registry]]:
     config = config_mod.load(config_path)
-    registry = open_registry(config.state_dir)
+    registry = open_registry(config.state_dir, config.registry)
     try:
         yield config, registry
     finally:
@@ -101,25 +114,55 @@ def verify(
 
 
 def promote(
-    image: str, channel: str, version: str | None = None, *, config_path: Path | str | None = None
-) -> tuple[bool, ImageVersion]:
-    """Point `channel` at a verified version (by default the newest verified one).
+    image: str,
+    channel: str,
+    version: str | None = None,
+    *,
+    rollback: bool = False,
+    allow_older: bool = False,
+    config_path: Path | str | None = None,
+) -> tuple[ChannelMove, ImageVersion]:
+    """Point `channel` at a verified, unrevoked version (by default the newest such one), or
+    with `rollback` back at the version it held before.
 
-    Returns whether the channel moved (False when it already pointed there), and the version.
+    Returns the move (`moved` is False when the channel stayed, with a note saying why) and the
+    version the channel is on afterwards.
     """
     with _project(config_path) as (config, registry):
         config.image(image)
         if not NAME.match(channel):
             raise UsageError(f"{channel!r} is not a channel name (expected {NAME.pattern})")
-        if version is None:
-            verified = [v for v in registry.versions(image) if v.state == "verified"]
-            if not verified:
-                raise UsageError(f"{image} has no verified version to promote")
-            target = verified[-1]
+        if rollback:
+            if version is not None:
+                raise UsageError("give either a version or --rollback, not both")
+            move = registry.rollback(image, channel)
         else:
-            target = registry.get(image, version)
-        with locks.hold(config.state_dir, f"image-{image}", build_id="promote"):
-            return registry.promote(image, channel, target.version), target
+            if version is None:
+                target = registry.latest(image, states=("verified",), unrevoked=True)
+                if target is None:
+                    raise UsageError(f"{image} has no verified, unrevoked version to promote")
+                version = target.version
+            move = _promote(registry, image, channel, version, allow_older=allow_older)
+            if not move.moved and move.current != version and version is not None:
+                raise UsageError(
+                    f"channel {channel} of {image} is {move.note}; to move it back, use"
+                    " `--rollback` or `--allow-older`"
+                )
+        return move, registry.get(image, move.current or version or "")
+
+
+def _promote(
+    registry: Registry, image: str, channel: str, version: str, *, allow_older: bool = False
+) -> ChannelMove:
+    """A compare-and-swap promotion that, on losing a race, decides again on what it found."""
+    current = registry.channel(image, channel)
+    expect = current.version if current else None
+    for _ in range(5):
+        try:
+            return registry.promote(image, channel, version, expect=expect, allow_older=allow_older)
+        except ChannelMoved as moved:
+            expect = moved.found
+    return registry.promote(image, channel, version, allow_older=allow_older)
 
 
 def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunResult:
@@ -143,12 +186,12 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             if version.state == "built":
                 version = verify_stage.verify(config, version, run=run_, registry=registry)
                 verified = True
-            promoted = registry.promote(image, environment.channel, version.version)
+            move = _promote(registry, image, environment.channel, version.version)
             log = context(version.label, Stage.PROMOTE.value)
-            if promoted:
+            if move.moved:
                 log.info("channel %s now points at %s", environment.channel, version.version)
             else:
-                log.info("channel %s already on %s", environment.channel, version.version)
+                log.info("channel %s stays: %s %s", environment.channel, move.note, move.current)
             deployed = deploy_stage.deploy(config, environment, run=run_, registry=registry)
             result = RunResult(
                 image=image,
@@ -156,7 +199,8 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
                 build_id=version.build_id,
                 baked=baked.baked,
                 verified=verified,
-                promoted=promoted,
+                promoted=move.moved,
+                promotion=move.note,
                 deploy=deployed,
                 run_dir=str(run_.dir),
             )
@@ -207,10 +251,278 @@ def inventory(env: str, *, config_path: Path | str | None = None) -> dict[str, A
         return deploy_stage.inventory(config, config.environment(env))
 
 
-def images(image: str, *, config_path: Path | str | None = None) -> list[ImageVersion]:
+def images(
+    image: str | None = None, *, config_path: Path | str | None = None
+) -> list[dict[str, Any]]:
+    """Every version of `image` (or of every image and base), oldest first, described."""
     with _project(config_path) as (config, registry):
-        config.image(image)
-        return registry.versions(image)
+        if image is not None:
+            _known_image(config, registry, image)
+            versions = registry.versions(image)
+        else:
+            versions = registry.all_versions()
+        return _describe_all(registry, versions)
+
+
+def show(image: str, version: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """One version in full: record, manifest, channels, parent, children, channel history."""
+    with _project(config_path) as (config, registry):
+        _known_image(config, registry, image)
+        found = registry.get(image, version)
+        described = _describe_all(registry, [found])[0]
+        described["manifest"] = found.manifest
+        described["children"] = [v.label for v in registry.children(image, version)]
+        described["history"] = [
+            move
+            for channel in registry.channels(image)
+            for move in registry.history(image, channel.channel)
+            if version in (move.previous, move.current)
+        ]
+        return described
+
+
+def tree(
+    image: str | None = None,
+    *,
+    output: Path | str | None = None,
+    config_path: Path | str | None = None,
+) -> dict[str, Any]:
+    """The lineage: bases, the versions built on them, channels; optionally drawn as SVG."""
+    target = Path(output) if output is not None else None
+    if target is not None and target.suffix.lower() != ".svg":
+        raise UsageError(f"--output {target}: the picture is written as SVG; name it *.svg")
+    with _project(config_path) as (config, registry):
+        if image is not None:
+            _known_image(config, registry, image)
+        versions = registry.all_versions()
+        if image is not None:
+            wanted = _ancestry_of(registry, image, versions)
+            versions = [v for v in versions if (v.image, v.version) in wanted]
+        described = _describe_all(registry, versions)
+    by_id = {f"{d['image']}@{d['version']}": d for d in described}
+    # Bases first, then images, each oldest first: the picture reads left to right, top down.
+    ordered = sorted(described, key=lambda d: (d["kind"] != "base", d["image"]))
+    nodes = [
+        picture.Node(
+            id=f"{d['image']}@{d['version']}",
+            title=f"{d['image']} {d['version']}",
+            detail=f"{d['status']} · {d['created_at'][:10]} · build {d['build_id']}",
+            kind=d["kind"],
+            parent=f"{d['parent_image']}@{d['parent_version']}" if d["parent_image"] else None,
+            channels=tuple(d["channels"]),
+            revoked=d["revocation"]["reason"] if d["status"] == "revoked" else None,
+            outdated=bool(d["outdated"]),
+        )
+        for d in ordered
+    ]
+    if target is not None:
+        title = f"Lineage of {image}" if image else "Image lineage"
+        svg = picture.lineage_svg(nodes, title=title)
+        write_text_atomic(target, svg)
+    roots = [
+        d
+        for d in ordered
+        if not d["parent_image"] or f"{d['parent_image']}@{d['parent_version']}" not in by_id
+    ]
+    return {
+        "versions": ordered,
+        "roots": [f"{d['image']}@{d['version']}" for d in roots],
+        "output": str(target) if target else None,
+    }
+
+
+def revoke(
+    image: str,
+    version: str,
+    *,
+    reason: str,
+    at: str | None = None,
+    descendants: bool = False,
+    config_path: Path | str | None = None,
+) -> dict[str, Any]:
+    """Revoke a version (and optionally every version built on it) from `at` (default now)."""
+    moment = parse_time(at) if at is not None else None
+    with _project(config_path) as (config, registry):
+        _known_image(config, registry, image)
+        revoked = registry.revoke(image, version, reason=reason, at=moment, descendants=descendants)
+        keys = {(v.image, v.version) for v in revoked}
+        channels = [
+            {"image": c.image, "channel": c.channel, "version": c.version}
+            for c in registry.channels()
+            if (c.image, c.version) in keys
+        ]
+        return {"revoked": _describe_all(registry, revoked), "channels": channels}
+
+
+def gc(
+    *, keep: int = 3, dry_run: bool = False, config_path: Path | str | None = None
+) -> dict[str, Any]:
+    """Delete old versions' records and files, keeping what is used or needed (see retention)."""
+    if keep < 1:
+        raise UsageError(f"--keep {keep}: keep at least 1 version of each image")
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, registry), contextlib.ExitStack() as held:
+        run_ = None if dry_run else Run(config.state_dir, "gc", "registry")
+        build_id = run_.build_id if run_ else "gc-dry-run"
+        if run_ is not None:
+            held.enter_context(_recorded(run_))
+        # No bake may add, and no deploy start using, a version while gc decides.
+        for name in sorted(config.images):
+            held.enter_context(locks.hold(config.state_dir, f"image-{name}", build_id=build_id))
+        for name in sorted(config.environments):
+            held.enter_context(locks.hold(config.state_dir, f"env-{name}", build_id=build_id))
+
+        in_use = _versions_in_use(config, registry, deploy_stage)
+        decided = retention.plan(registry, keep=keep, in_use=in_use)
+        deleted = [_gc_entry(v, []) for v in decided.delete]
+        kept = [
+            _gc_entry(decided.versions[key], reasons)
+            for key, reasons in sorted(decided.keep.items())
+        ]
+        if not dry_run and decided.delete:
+            registry.delete([(v.image, v.version) for v in decided.delete])
+            remaining = {v.path for v in registry.all_versions()}
+            for version in decided.delete:
+                _remove_files(config, version, remaining)
+        if run_ is not None:
+            run_.finish("ok", 0, deleted=[d["label"] for d in deleted])
+        return {"dry_run": dry_run, "keep": keep, "deleted": deleted, "kept": kept}
+
+
+def _versions_in_use(
+    config: Config, registry: Registry, deploy_stage: Any
+) -> dict[tuple[str, str], list[str]]:
+    """Versions that environments' Terraform states and running VMs use, with who uses them."""
+    from pipeline.targets.local import qemu
+
+    used: dict[tuple[str, str], list[str]] = {}
+    for environment in config.environments.values():
+        tf = deploy_stage.terraform_for(config, environment, config.state_dir / "logs" / "gc")
+        for item in tf.state_instances():
+            version = (item.get("labels") or {}).get("version")
+            if version:
+                key = (environment.image, str(version))
+                used.setdefault(key, []).append(
+                    f"environment {environment.name} runs it ({item.get('name')}, Terraform state)"
+                )
+    for record in qemu.list_vms(config.state_dir / "vms"):
+        image, version = record.labels.get("image"), record.labels.get("version")
+        if image and version and qemu.is_running(record):
+            used.setdefault((image, version), []).append(f"VM {record.name} is running it")
+    return used
+
+
+def _gc_entry(version: ImageVersion, reasons: list[str]) -> dict[str, Any]:
+    return {
+        "label": version.label,
+        "image": version.image,
+        "version": version.version,
+        "status": version.status(),
+        "path": version.path,
+        "reasons": reasons,
+    }
+
+
+def _remove_files(config: Config, version: ImageVersion, remaining: set[str]) -> None:
+    """Delete a deleted version's folder: only one the pipeline made, and no other uses."""
+    path = Path(version.path)
+    own = (config.state_dir / "images", config.state_dir / "base")
+    if version.path in remaining or not any(path.is_relative_to(root) for root in own):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _known_image(config: Config, registry: Registry, image: str) -> None:
+    """Accept an image or base that pipeline.yml declares or the registry holds."""
+    if image in config.images or image in config.bases or registry.lineage(image) is not None:
+        return
+    known = f"images in {config.path.name}: {', '.join(sorted(config.images))}"
+    others = sorted({lin.image for lin in registry.lineages()} - set(config.images))
+    if others:
+        known += f"; also in the registry: {', '.join(others)}"
+    raise UsageError(f"unknown image {image!r} ({known})")
+
+
+def _ancestry_of(
+    registry: Registry, image: str, versions: list[ImageVersion]
+) -> set[tuple[str, str]]:
+    """The versions of `image` with every ancestor they have."""
+    by_key = {(v.image, v.version): v for v in versions}
+    wanted: set[tuple[str, str]] = set()
+    for version in versions:
+        if version.image != image:
+            continue
+        key: tuple[str, str] | None = (version.image, version.version)
+        while key is not None and key in by_key and key not in wanted:
+            wanted.add(key)
+            found = by_key[key]
+            key = (
+                (found.parent_image, found.parent_version)
+                if found.parent_image and found.parent_version
+                else None
+            )
+    return wanted
+
+
+def _describe_all(registry: Registry, versions: list[ImageVersion]) -> list[dict[str, Any]]:
+    """Versions as plain data: status (revocation applied), channels, kind, outdated."""
+    channels: dict[tuple[str, str], list[str]] = {}
+    for channel in registry.channels():
+        channels.setdefault((channel.image, channel.version), []).append(channel.channel)
+    kinds = {lineage.image: lineage.kind for lineage in registry.lineages()}
+    newest: dict[str, ImageVersion | None] = {}
+    described = []
+    for version in versions:
+        outdated = None
+        if version.parent_image and version.parent_version:
+            if version.parent_image not in newest:
+                newest[version.parent_image] = registry.newest_parent(version.parent_image)
+            candidate = newest[version.parent_image]
+            if candidate is not None and candidate.version != version.parent_version:
+                outdated = registry.outdated(version)
+        revocation = version.revocation
+        described.append(
+            {
+                "image": version.image,
+                "version": version.version,
+                "kind": kinds.get(version.image, "image"),
+                "state": version.state,
+                "status": version.status(),
+                "build_id": version.build_id,
+                "fingerprint": version.fingerprint,
+                "parent_image": version.parent_image,
+                "parent_version": version.parent_version,
+                "path": version.path,
+                "failure": version.failure,
+                "created_at": version.created_at,
+                "channels": channels.get((version.image, version.version), []),
+                "revocation": None
+                if revocation is None
+                else {
+                    "reason": revocation.reason,
+                    "effective_at": revocation.effective_at,
+                    "in_force": revocation.active(),
+                    "recorded_at": revocation.recorded_at,
+                    "by": revocation.actor,
+                },
+                "outdated": outdated.label if outdated else None,
+            }
+        )
+    return described
+
+
+def parse_time(text: str) -> str:
+    """A time given on the command line (ISO 8601; without a zone it is UTC), as stored."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r} is not a time (use ISO 8601, like 2026-12-24T18:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return format_time(moment)
 
 
 def _pick_version(registry: Registry, image: str, version: str | None) -> ImageVersion:

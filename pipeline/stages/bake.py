@@ -1,8 +1,10 @@
 """Bake: render the Packer template, run Packer with the image's roles, register the result.
 
-A bake whose inputs have the same fingerprint as an existing version bakes nothing. A bake that
-fails leaves no image folder and no registry entry: Packer writes into a temporary folder that
-is renamed into place only once the image and its manifest are complete.
+A bake whose inputs have the same fingerprint as an existing version bakes nothing. A bake takes
+its version number when it starts (recorded as `building`) and ends with the version `built`, or
+`failed` with the reason; either way the number is never handed out again. Packer writes into a
+temporary folder that is renamed into place only once the image and its manifest are complete,
+so a failed bake leaves no image files.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import yaml
 
 from pipeline import fingerprint as fp
 from pipeline import render
-from pipeline.config import Config, ImageConfig
+from pipeline.config import BUMPS, Config, ImageConfig
 from pipeline.errors import ConfigError, ToolError
 from pipeline.log import context
-from pipeline.registry.sqlite import ImageVersion, Registry
+from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.targets.local import accel, baseimage
 from pipeline.tools.ansible_output import failed_tasks, output_of
@@ -40,6 +42,7 @@ class Inputs:
 
     image: ImageConfig
     base: baseimage.BaseImage
+    base_version: ImageVersion
     parts: dict[str, str]
     roles: dict[str, str]
     tools: dict[str, str]
@@ -68,8 +71,8 @@ def role_dirs(config: Config, image: ImageConfig) -> dict[str, Path]:
     return found
 
 
-def gather_inputs(config: Config, image: ImageConfig, *, log_dir: Path) -> Inputs:
-    """Collect and hash every input; builds the base image if it is not cached yet."""
+def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
+    """Collect and hash every input; builds and registers the base image if it is new."""
     roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
     template = config.templates_dir / image.template
     if not template.is_file():
@@ -77,7 +80,8 @@ def gather_inputs(config: Config, image: ImageConfig, *, log_dir: Path) -> Input
         raise ConfigError(str(config.path), key, f"template {template} does not exist")
 
     spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
-    base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=log_dir)
+    base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
+    base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
     tools = {
         "packer": binary_version(config.state_dir, "packer", ("version",)),
         "ansible-core": python_package_version("ansible-core"),
@@ -93,7 +97,65 @@ def gather_inputs(config: Config, image: ImageConfig, *, log_dir: Path) -> Input
         "base": base.fingerprint,
         "tools": fp.hash_value(tools),
     }
-    return Inputs(image=image, base=base, parts=parts, roles=roles, tools=tools)
+    return Inputs(
+        image=image, base=base, base_version=base_version, parts=parts, roles=roles, tools=tools
+    )
+
+
+def register_base(
+    registry: Registry, name: str, base: baseimage.BaseImage, *, build_id: str
+) -> ImageVersion:
+    """The registry's version of this base: the newest one if it has these inputs, else new."""
+    newest = registry.newest_parent(name)
+    if newest is not None and newest.fingerprint == base.fingerprint:
+        return newest
+    recorded = registry.record_base(
+        name,
+        fingerprint=base.fingerprint,
+        build_id=f"{build_id}-{name}",
+        path=str(base.dir),
+        manifest=base.manifest,
+    )
+    if newest is None or recorded.version != newest.version:
+        context(f"base {name}", "register").info(
+            "base %s is now version %s (fingerprint %s)", name, recorded.version, base.fingerprint
+        )
+    return recorded
+
+
+# Which kind of input (for `bump:` in pipeline.yml) each part of the fingerprint belongs to.
+PART_KINDS = {
+    "role_order": "roles",
+    "roles": "roles",
+    "vars": "vars",
+    "service_port": "vars",
+    "template": "template",
+    "base": "base",
+    "tools": "tools",
+    "recipe": "tools",
+}
+
+
+def choose_bump(image: ImageConfig, previous: ImageVersion | None, parts: dict[str, str]) -> str:
+    """The bump for this bake: the largest declared for a kind of input that changed."""
+    if previous is None:
+        return image.bump
+    before = previous.manifest.get("inputs", {})
+    changed = {PART_KINDS[k] for k, v in parts.items() if k in PART_KINDS and before.get(k) != v}
+    wanted = [image.bump_on.get(kind, image.bump) for kind in changed] or [image.bump]
+    return max(wanted, key=BUMPS.index)
+
+
+def abandon_stale_builds(config: Config, registry: Registry, image: str) -> None:
+    """Mark as failed the versions whose bake died before it finished, and remove their files.
+
+    Only called with the image's lock held, so no bake of this image is running.
+    """
+    for stale in registry.abandoned_builds(image):
+        reason = f"its bake (build {stale.build_id}) stopped before it finished"
+        registry.set_state(image, stale.version, "failed", reason)
+        shutil.rmtree(config.state_dir / "images" / image / f".tmp-{stale.build_id}", True)
+        context(stale.label, "bake").warning("recorded as failed: %s", reason)
 
 
 def role_vars(image: ImageConfig, version: str, build_id: str) -> dict[str, Any]:
@@ -111,7 +173,7 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
     """Bake `image_name` unless a version with the same fingerprint exists."""
     image = config.image(image_name)
     log = context(image.name, "bake")
-    inputs = gather_inputs(config, image, log_dir=run.dir / "logs")
+    inputs = gather_inputs(config, image, run=run, registry=registry)
     existing = registry.by_fingerprint(image.name, inputs.fingerprint)
     if existing is not None and not (Path(existing.path) / "disk.qcow2").is_file():
         log.warning(
@@ -130,12 +192,31 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
         run.event("bake.unchanged", version=existing.version, fingerprint=inputs.fingerprint)
         return BakeResult(existing, baked=False)
 
-    version = registry.next_version(image.name, image.version, image.bump)
-    log = context(f"{image.name} {version}", "bake")
-    log.info("baking build %s (fingerprint %s)", run.build_id, inputs.fingerprint)
-    run.event("bake.start", version=version, fingerprint=inputs.fingerprint)
-
+    abandon_stale_builds(config, registry, image.name)
+    newest = registry.latest(image.name)
+    previous = registry.get(image.name, newest.version) if newest else None
+    bump = choose_bump(image, previous, inputs.parts)
     images_dir = config.state_dir / "images" / image.name
+    reserved = registry.reserve(
+        image.name,
+        declared=image.version,
+        bump=bump,
+        build_id=run.build_id,
+        fingerprint=inputs.fingerprint,
+        path=str(images_dir / "pending"),
+        parent=(inputs.base_version.image, inputs.base_version.version),
+    )
+    version = reserved.version
+    log = context(reserved.label, "bake")
+    log.info(
+        "baking build %s (fingerprint %s, on %s, %s bump)",
+        run.build_id,
+        inputs.fingerprint,
+        inputs.base_version.label,
+        bump,
+    )
+    run.event("bake.start", version=version, fingerprint=inputs.fingerprint, bump=bump)
+
     work = images_dir / f".tmp-{run.build_id}"
     final = images_dir / version
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -143,28 +224,31 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
         manifest = _packer_build(config, inputs, version, run=run, work=work)
         _finish_image_folder(work, inputs.base, manifest)
         work.rename(final)
-    except BaseException:
+        finished = registry.finish(
+            image.name, version, state="built", manifest=manifest, path=str(final)
+        )
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
-        raise
-
-    record = ImageVersion(
-        image=image.name,
-        version=version,
-        build_id=run.build_id,
-        fingerprint=inputs.fingerprint,
-        parent=f"base:{inputs.base.fingerprint}",
-        state="built",
-        path=str(final),
-        manifest=manifest,
-    )
-    try:
-        added = registry.add(record)
-    except BaseException:
         shutil.rmtree(final, ignore_errors=True)
+        _record_failure(registry, reserved, exc)
         raise
     log.info("baked %s in %s", final / "disk.qcow2", _elapsed(run))
     run.event("bake.done", version=version, path=str(final))
-    return BakeResult(added, baked=True)
+    return BakeResult(finished, baked=True)
+
+
+def _record_failure(registry: Registry, reserved: ImageVersion, exc: BaseException) -> None:
+    """Mark a bake that did not finish as failed, with the first line of its reason."""
+    if isinstance(exc, KeyboardInterrupt):
+        reason = "interrupted"
+    else:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, ToolError) and exc.cause:
+            reason = exc.cause.splitlines()[0]
+    try:
+        registry.set_state(reserved.image, reserved.version, "failed", reason[:500])
+    except Exception as record_error:  # the bake's own error is the one to report
+        context(reserved.label, "bake").error("could not record the failure: %s", record_error)
 
 
 def _packer_build(
@@ -237,6 +321,8 @@ def _packer_build(
         "role_order": list(image.roles),
         "vars": role_vars(image, version, run.build_id),
         "base": {
+            "name": inputs.base_version.image,
+            "version": inputs.base_version.version,
             "fingerprint": base.fingerprint,
             "suite": base.manifest.get("suite"),
             "path": str(base.dir),

@@ -19,7 +19,7 @@ from pipeline.config import Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, PipelineError, UsageError
 from pipeline.files import write_text_atomic
 from pipeline.log import context
-from pipeline.registry.sqlite import ImageVersion, Registry
+from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run
 from pipeline.targets.local import qemu
 from pipeline.tools.terraform import Plan, Terraform
@@ -43,7 +43,7 @@ def terraform_for(config: Config, environment: EnvironmentConfig, log_dir: Path)
 
 
 def channel_version(registry: Registry, environment: EnvironmentConfig) -> ImageVersion:
-    """The version the environment must run; refuses one that is not verified."""
+    """The version the environment must run; refuses one that is not verified or is revoked."""
     version = registry.channel(environment.image, environment.channel)
     if version is None:
         message = (
@@ -51,10 +51,18 @@ def channel_version(registry: Registry, environment: EnvironmentConfig) -> Image
             f" version yet (run `pipeline run {environment.image} --env {environment.name}`)"
         )
         raise UsageError(message)
-    if version.state != "verified":
-        reason = f": {version.failure}" if version.failure else ""
-        message = f"channel {environment.channel} points at {version.label}, which is"
-        raise DeployFailed(f"{message} {version.state}{reason}; it cannot be deployed")
+    refusal = version.why_unusable()
+    if refusal is not None:
+        hint = ""
+        if version.revoked():
+            hint = (
+                f"; move the channel with `pipeline promote {version.image} {environment.channel}"
+                " --rollback` or promote a newer version"
+            )
+        raise DeployFailed(
+            f"cannot deploy {environment.name}: channel {environment.channel} points at"
+            f" {version.label}, and {refusal}{hint}"
+        )
     return version
 
 
@@ -213,11 +221,30 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
     tf = terraform_for(config, environment, config.state_dir / "logs" / "status")
     instances = fleet(config, environment, tf)
     drift = []
+    warnings = []
     for item in instances:
         if not item["running"]:
             drift.append(f"{item['name']} is in Terraform's state but its VM is not running")
         elif channel is not None and item["version"] != channel.version:
             drift.append(f"{item['name']} runs {item['version']}, channel is on {channel.version}")
+        item["revoked"] = None
+        item["outdated"] = None
+        running = registry.find(environment.image, str(item.get("version")))
+        if running is None or not item["running"]:
+            continue
+        if running.revoked() and running.revocation is not None:
+            item["revoked"] = running.revocation.reason
+            warnings.append(
+                f"{item['name']} runs {running.label}, revoked since"
+                f" {running.revocation.effective_at}: {running.revocation.reason}"
+            )
+        newer_parent = registry.outdated(running)
+        if newer_parent is not None:
+            item["outdated"] = newer_parent.label
+            warnings.append(
+                f"{item['name']} runs {running.label}, outdated: built on {running.parent},"
+                f" {newer_parent.label} is newer"
+            )
     if len(instances) != environment.instances:
         drift.append(f"{len(instances)} instance(s), pipeline.yml asks for {environment.instances}")
     known = {item["name"] for item in instances}
@@ -231,6 +258,7 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
         "channel_version": channel.version if channel else None,
         "instances": instances,
         "drift": drift,
+        "warnings": warnings,
     }
 
 

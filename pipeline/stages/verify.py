@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import ConfigError, PipelineError, ToolError, VerifyFailed
 from pipeline.log import context
-from pipeline.registry.sqlite import ImageVersion, Registry
+from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.targets.local import baseimage, qemu
 from pipeline.tools.ansible_output import failed_tasks_of
@@ -31,8 +31,12 @@ def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registr
     if not (scenario / "molecule.yml").is_file():
         message = f"no Molecule scenario for image {version.image!r} (expected {scenario})"
         raise ConfigError(str(scenario / "molecule.yml"), None, message)
-    if version.state == "revoked":
-        raise VerifyFailed(f"{version.label} is revoked and cannot be verified")
+    if version.revoked():
+        assert version.revocation is not None
+        reason = version.revocation.reason
+        raise VerifyFailed(f"{version.label} is revoked ({reason}) and cannot be verified")
+    if version.state not in ("built", "verified"):
+        raise VerifyFailed(f"{version.label} is {version.state} and cannot be verified")
     if version.state == "verified":
         # Verifying again would check the version against today's roles, not the ones it was
         # baked from, and could fail a version that is deployed and must stay healable.
