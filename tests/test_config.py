@@ -187,6 +187,42 @@ BAD = [
         "environments.development-environment-one",
         "make instance names too long",
     ),
+    (
+        "registry-url-of-another-kind",
+        "registry: mysql://db/registry\n" + GOOD,
+        "registry",
+        "must be sqlite:///PATH or postgresql://",
+    ),
+    (
+        "base-that-is-not-declared",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    base: ubuntu\n"),
+        "images.web.base",
+        "'ubuntu' is not a base declared here (debian)",
+    ),
+    (
+        "image-named-like-a-base",
+        GOOD.replace("  web:\n", "  debian:\n").replace("image: web", "image: debian"),
+        "images.debian",
+        "'debian' is already the name of a base image",
+    ),
+    (
+        "bump-for-an-unknown-kind-of-input",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    bump: {colour: minor}\n"),
+        "images.web.bump.colour",
+        "unknown key",
+    ),
+    (
+        "bump-of-an-unknown-size",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    bump: {roles: huge}\n"),
+        "images.web.bump.roles",
+        "'huge' is not one of: patch, minor, major",
+    ),
+    (
+        "base-with-a-bad-package-name",
+        "bases:\n  slim:\n    packages: ['curl; rm -rf /']\n" + GOOD,
+        "bases.slim.packages[0]",
+        "curl; rm -rf /",
+    ),
 ]
 BAD_IDS = [case[0] for case in BAD]
 
@@ -272,3 +308,39 @@ def test_the_embedded_terraform_is_the_default_and_a_named_one_must_exist(tmp_pa
     named = config.load(_write(tmp_path, "terraform: no-such-terraform-here\n" + GOOD))
     with pytest.raises(MissingTool, match="no-such-terraform-here"):
         terraform_for(named, named.environment("dev"), tmp_path / "logs")
+
+
+def test_bases_are_named_and_shared_and_an_inline_base_is_named_after_its_image(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "bases:\n  tools:\n    packages: [curl]\n"
+        "images:\n"
+        "  web:\n    version: 1.0.0\n    roles: [base]\n    base: tools\n"
+        "  api:\n    version: 1.0.0\n    roles: [base]\n    base: {packages: [jq]}\n"
+        "  job:\n    version: 1.0.0\n    roles: [base]\n"
+        "environments: {}\n"
+    )
+
+    loaded = config.load(_write(tmp_path, text))
+
+    assert loaded.image("web").base == config.BaseConfig("tools", "bookworm", ("curl",))
+    assert loaded.image("api").base == config.BaseConfig("api-base", "bookworm", ("jq",))
+    assert loaded.image("job").base == config.BaseConfig("debian", "bookworm", ())
+    assert sorted(loaded.bases) == ["api-base", "debian", "tools"]
+
+
+def test_a_bump_can_be_declared_per_kind_of_input(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    version: 1.0.0\n", "    version: 1.0.0\n    bump: {default: patch, roles: minor}\n"
+    )
+
+    web = config.load(_write(tmp_path, text)).image("web")
+
+    assert (web.bump, web.bump_on) == ("patch", {"roles": "minor"})
+
+
+def test_a_relative_sqlite_registry_is_beside_pipeline_yml(tmp_path: Path) -> None:
+    loaded = config.load(_write(tmp_path, "registry: sqlite:///shared/registry.db\n" + GOOD))
+
+    assert loaded.registry == f"sqlite:///{tmp_path.resolve() / 'shared' / 'registry.db'}"

@@ -1,8 +1,10 @@
 """The whole user story on real VMs: Packer, QEMU, Molecule and Terraform, through the CLI.
 
 run -> change a role -> run (every instance replaced, new ones healthy before old ones go) ->
-run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> deploy (recreated);
-and a bake whose role fails leaves no image, no version and no VM.
+run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> deploy (recreated)
+-> revoke the running version (status warns, deploy refuses) -> roll the channel back and
+deploy -> gc (keeps what Terraform runs, deletes the revoked version's files);
+and a bake whose role fails leaves no image files and no VM, and its version recorded failed.
 """
 
 from __future__ import annotations
@@ -210,9 +212,53 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     status = json.loads(project.pipeline("status", "dev", "--json").stdout)
     assert {i["name"] for i in status["instances"]} == new_names
 
+    _revoke_roll_back_and_collect(project, first, second)
+
     # Tearing down leaves no VM of this project running.
     project.pipeline("destroy", "dev")
     assert project.vm_processes() == []
+
+
+def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict) -> None:
+    """The registry's part of the story, on the fleet running the second version."""
+    old, new = first["version"], second["version"]
+
+    # The lineage: the base, both versions built on it, the channel on the newer one.
+    tree = project.pipeline("images", "tree", "--output", "lineage.svg").stdout
+    assert re.search(r"^debian 1\.0\.0 \(base\) built", tree, re.M), tree
+    assert re.search(rf"── web {re.escape(new)} verified +<- dev$", tree, re.M), tree
+    svg = (project.root / "lineage.svg").read_text()
+    assert f'data-id="web@{old}"' in svg and f'data-id="web@{new}"' in svg
+
+    # Revoking the running version: status names every instance on it, deploy refuses.
+    revoked = project.pipeline("revoke", "web", new, "--reason", "CVE-2026-0042 in the service")
+    assert f"channel dev of web points at revoked {new}" in revoked.stderr
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert [i["revoked"] for i in status["instances"]] == ["CVE-2026-0042 in the service"] * 2
+    assert len(status["warnings"]) == 2
+    refused = project.pipeline("deploy", "dev", check=False)
+    assert refused.returncode == 6, refused.stderr
+    assert f"web {new} is revoked since" in refused.stderr
+    assert "CVE-2026-0042 in the service" in refused.stderr and "channel dev" in refused.stderr
+
+    # Rolling the channel back and deploying replaces the fleet with the older version.
+    project.pipeline("promote", "web", "dev", "--rollback")
+    back, _ = project.run_json("deploy", "dev")
+    assert {i["version"] for i in back["instances"]} == {old}
+    assert all(i["health"] == "healthy" for i in back["instances"])
+
+    # gc keeps what the fleet runs (read from Terraform's state) and deletes the revoked one.
+    plan = json.loads(project.pipeline("gc", "--keep", "1", "--dry-run", "--json").stdout)
+    assert [d["label"] for d in plan["deleted"]] == [f"web {new}"]
+    assert (project.state / "images" / "web" / new).is_dir()
+    done = json.loads(project.pipeline("gc", "--keep", "1", "--json").stdout)
+    kept = {k["label"]: k["reasons"] for k in done["kept"]}
+    assert "channel dev points at it" in kept[f"web {old}"]
+    assert any("Terraform state" in reason for reason in kept[f"web {old}"])
+    assert kept["debian 1.0.0"][0] == "newest"
+    assert not (project.state / "images" / "web" / new).exists()
+    listed = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
+    assert [v["version"] for v in listed] == [old]
 
 
 def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Project) -> None:
@@ -232,8 +278,9 @@ def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Projec
     assert "packer build failed" in done.stderr
     assert "this role always fails" in done.stderr
     assert "Traceback" not in done.stderr
-    listed = json.loads(project.pipeline("images", "broken", "--json").stdout)
-    assert listed == []
+    listed = json.loads(project.pipeline("images", "list", "broken", "--json").stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [("0.1.0", "failed")]
+    assert "this role always fails" in listed[0]["failure"]
     images = project.state / "images" / "broken"
     assert not images.exists() or list(images.iterdir()) == []
     assert project.vm_processes() == []
@@ -262,9 +309,11 @@ def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def test_ctrl_c_during_a_bake_leaves_no_vm_no_image_and_no_version(project: Project) -> None:
+def test_ctrl_c_during_a_bake_leaves_no_vm_no_image_and_a_failed_version(
+    project: Project,
+) -> None:
     project.pipeline("destroy", "dev")
-    before = json.loads(project.pipeline("images", "web", "--json").stdout)
+    before = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
     _set_message(project, "Hello from a bake that never finishes")
 
     done = _interrupt_when_a_vm_runs(project, "bake", "web")
@@ -272,7 +321,10 @@ def test_ctrl_c_during_a_bake_leaves_no_vm_no_image_and_no_version(project: Proj
     assert done.returncode == 130, done.stderr
     assert "interrupted" in done.stderr and "Traceback" not in done.stderr
     assert project.vm_processes() == []
-    assert json.loads(project.pipeline("images", "web", "--json").stdout) == before
+    after = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
+    assert after[:-1] == before
+    assert after[-1]["status"] == "failed"
+    assert after[-1]["failure"].startswith("interrupted"), after[-1]
     leftovers = [p.name for p in (project.state / "images" / "web").iterdir()]
     assert not [name for name in leftovers if name.startswith(".tmp")], leftovers
 
