@@ -23,7 +23,7 @@ import yaml
 from pipeline import fingerprint as fp
 from pipeline import render
 from pipeline.config import BUMPS, Config, ImageConfig
-from pipeline.errors import ConfigError, ToolError
+from pipeline.errors import ConfigError, Interrupted, ToolError
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
@@ -241,6 +241,8 @@ def _record_failure(registry: Registry, reserved: ImageVersion, exc: BaseExcepti
     """Mark a bake that did not finish as failed, with the first line of its reason."""
     if isinstance(exc, KeyboardInterrupt):
         reason = "interrupted"
+    elif isinstance(exc, Interrupted):
+        reason = str(exc)
     else:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, ToolError) and exc.cause:
