@@ -268,6 +268,8 @@ def show(image: str, version: str, *, config_path: Path | str | None = None) -> 
     """One version in full: record, manifest, channels, parent, children, channel history."""
     with _project(config_path) as (config, registry):
         _known_image(config, registry, image)
+        if registry.lineage(image) is None:
+            raise UsageError(f"{image} has no versions yet (run `pipeline bake {image}`)")
         found = registry.get(image, version)
         described = _describe_all(registry, [found])[0]
         described["manifest"] = found.manifest
@@ -318,7 +320,10 @@ def tree(
     if target is not None:
         title = f"Lineage of {image}" if image else "Image lineage"
         svg = picture.lineage_svg(nodes, title=title)
-        write_text_atomic(target, svg)
+        try:
+            write_text_atomic(target, svg)
+        except OSError as exc:
+            raise UsageError(f"--output {target}: cannot write it: {exc.strerror}") from None
     roots = [
         d
         for d in ordered
@@ -344,14 +349,33 @@ def revoke(
     moment = parse_time(at) if at is not None else None
     with _project(config_path) as (config, registry):
         _known_image(config, registry, image)
+        before = {
+            (v.image, v.version): v.revocation
+            for v in [registry.get(image, version), *registry.descendants(image, version)]
+        }
         revoked = registry.revoke(image, version, reason=reason, at=moment, descendants=descendants)
-        keys = {(v.image, v.version) for v in revoked}
-        channels = [
-            {"image": c.image, "channel": c.channel, "version": c.version}
-            for c in registry.channels()
-            if (c.image, c.version) in keys
-        ]
-        return {"revoked": _describe_all(registry, revoked), "channels": channels}
+        described = _describe_all(registry, revoked)
+        for item, after in zip(described, revoked, strict=True):
+            item["unchanged"] = before.get((after.image, after.version)) == after.revocation
+        by_key = {(v.image, v.version): v for v in revoked}
+        channels = []
+        for channel in registry.channels():
+            held = by_key.get((channel.image, channel.version))
+            if held is None or held.revocation is None:
+                continue
+            back = registry.rollback_target(channel.image, channel.channel)
+            usable = registry.find(channel.image, back) if back else None
+            channels.append(
+                {
+                    "image": channel.image,
+                    "channel": channel.channel,
+                    "version": channel.version,
+                    "in_force": held.revoked(),
+                    "effective_at": held.revocation.effective_at,
+                    "rollback_to": back if usable and usable.why_unusable() is None else None,
+                }
+            )
+        return {"revoked": described, "channels": channels}
 
 
 def gc(
@@ -376,9 +400,11 @@ def gc(
         in_use = _versions_in_use(config, registry, deploy_stage)
         decided = retention.plan(registry, keep=keep, in_use=in_use)
         deleted = [_gc_entry(v, []) for v in decided.delete]
+        # In the registry's order: by image, then semantic version.
         kept = [
-            _gc_entry(decided.versions[key], reasons)
-            for key, reasons in sorted(decided.keep.items())
+            _gc_entry(version, decided.keep[key])
+            for key, version in decided.versions.items()
+            if key in decided.keep
         ]
         if not dry_run and decided.delete:
             registry.delete([(v.image, v.version) for v in decided.delete])

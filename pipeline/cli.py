@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -178,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = images_action("list", "versions, oldest first, with state and channels", _cmd_images_list)
     q.add_argument("image", nargs="?", help="default: every image and base")
-    q = images_action("show", "one version: record, manifest, parent, channel moves", _cmd_show)
+    q = images_action(
+        "show", "one version: record, parent, channel moves, manifest summary", _cmd_show
+    )
     q.add_argument("image")
     q.add_argument("version")
     q = images_action("tree", "the lineage: bases -> image versions, with channels", _cmd_tree)
@@ -242,7 +245,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         _print_json({"move": move, "version": version})
     elif move.moved:
         how = "rolled back" if move.kind == "rollback" else "moved"
-        print(f"channel {args.channel} of {version.image} {how}: {move.previous} -> {move.current}")
+        was = move.previous or "nothing"
+        print(f"channel {args.channel} of {version.image} {how}: {was} -> {move.current}")
     else:
         print(f"channel {args.channel} of {version.image} stays on {move.current} ({move.note})")
     return 0
@@ -262,13 +266,28 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         return 0
     for item in result["revoked"]:
         revocation = item["revocation"]
+        label = f"{item['image']} {item['version']}"
+        if item["unchanged"]:
+            print(
+                f"{label} was already revoked from {revocation['effective_at']}:"
+                f" {revocation['reason']} (left as it was)"
+            )
+            continue
         when = "from now on" if revocation["in_force"] else f"from {revocation['effective_at']}"
-        print(f"revoked {item['image']} {item['version']} {when}: {revocation['reason']}")
+        print(f"revoked {label} {when}: {revocation['reason']}")
     for channel in result["channels"]:
+        if channel["in_force"]:
+            effect = "its environments cannot deploy until it moves"
+        else:
+            effect = f"its environments cannot deploy from {channel['effective_at']} on"
+        if channel["rollback_to"]:
+            fix = f"pipeline promote {channel['image']} {channel['channel']} --rollback"
+            fix += f" (back to {channel['rollback_to']})"
+        else:
+            fix = f"pipeline promote {channel['image']} {channel['channel']} VERSION"
         print(
             f"warning: channel {channel['channel']} of {channel['image']} points at revoked"
-            f" {channel['version']}; its environments cannot deploy until it moves"
-            f" (pipeline promote {channel['image']} {channel['channel']} --rollback)",
+            f" {channel['version']}; {effect}; move it with: {fix}",
             file=sys.stderr,
         )
     return 0
@@ -281,9 +300,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for item in result["deleted"]:
-        print(f"{verb}  {item['label']:<24} {item['status']:<9} {item['path']}")
+        print(f"{verb:<12}  {item['label']:<24} {item['status']:<9} {item['path']}")
     for item in result["kept"]:
-        print(f"kept     {item['label']:<24} {item['status']:<9} {'; '.join(item['reasons'])}")
+        reasons = "; ".join(item["reasons"])
+        print(f"{'kept':<12}  {item['label']:<24} {item['status']:<9} {reasons}")
     print(f"{verb} {len(result['deleted'])} version(s), kept {len(result['kept'])}")
     return 0
 
@@ -367,7 +387,20 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if item["outdated"]:
         print(f"  {'outdated:':<13} built on {_parent(item)}; {item['outdated']} is newer")
     for move in item["history"]:
-        print(f"  {'moved:':<13} {move.at} {move.channel} {move.previous} -> {move.current}")
+        was = move.previous or "nothing"
+        how = " (rollback)" if move.kind == "rollback" else ""
+        print(f"  {'moved:':<13} {move.at} {move.channel} {was} -> {move.current}{how}")
+    manifest = item["manifest"]
+    if manifest:
+        print("  manifest (all of it with --json):")
+        roles = manifest.get("role_order") or list(manifest.get("roles", []))
+        if roles:
+            print(f"    {'roles:':<13} {', '.join(roles)}")
+        for key in ("base", "tools", "disk_sha256"):
+            if key in manifest:
+                print(f"    {key + ':':<13} {json.dumps(manifest[key], sort_keys=True)}")
+        if "packages" in manifest:
+            print(f"    {'packages:':<13} {len(manifest['packages'])} Debian packages")
     return 0
 
 
@@ -411,7 +444,7 @@ def _notes(item: dict[str, Any]) -> str:
         notes.append("<- " + ", ".join(item["channels"]))
     revocation = item["revocation"]
     if revocation and revocation["in_force"]:
-        notes.append(f"revoked: {revocation['reason']}")
+        notes.append(f"reason: {revocation['reason']}")
     elif revocation:
         notes.append(f"revoked from {revocation['effective_at']}: {revocation['reason']}")
     if item["outdated"]:
@@ -444,7 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     log.setup(args.verbose)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`pipeline images list | head`): stop quietly,
+        # as other Unix tools do, and keep Python from complaining again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("pipeline: interrupted; what was started has been cleaned up", file=sys.stderr)
         return Interrupted.exit_code

@@ -312,8 +312,8 @@ def _legend(x: int, y: int) -> tuple[list[str], int]:
         parts.append(f'<rect x="{at}" y="{y}" width="28" height="18" rx="5" ry="5" {style}/>')
         parts.append(_legend_text(label, at + 36, y))
         at += 36 + int(_text_width(label, 12, EM_REGULAR)) + 24
-    parts.append(_badge("channel", "prod", at, y + 1, CHANNEL_FILL, "#ffffff"))
-    at += _badge_width("prod") + 8
+    parts.append(_badge("channel", "name", at, y + 1, CHANNEL_FILL, "#ffffff"))
+    at += _badge_width("name") + 8
     parts.append(_legend_text("channel", at, y))
     at += int(_text_width("channel", 12, EM_REGULAR))
     parts.append("</g>")

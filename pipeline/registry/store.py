@@ -513,7 +513,11 @@ class Registry:
         at: str | None = None,
         descendants: bool = False,
     ) -> list[ImageVersion]:
-        """Revoke a version (and, if asked, every version built on it) from `at` on."""
+        """Revoke a version (and, if asked, every version built on it) from `at` on.
+
+        A revocation only ever comes earlier: a version already revoked from a time at or before
+        `at` keeps its revocation (and reason) as it is.
+        """
         if not reason.strip():
             raise UsageError("a revocation needs a reason (--reason TEXT)")
         now = utcnow()
@@ -524,6 +528,9 @@ class Registry:
             if descendants:
                 targets += self.descendants(image, version)
             for target in targets:
+                held = target.revocation
+                if held is not None and held.effective_at <= effective:
+                    continue
                 self.backend.execute(
                     "DELETE FROM revocations WHERE image = ? AND version = ?",
                     (target.image, target.version),
