@@ -291,7 +291,11 @@ def _wait_healthy(record: qemu.VmRecord, path: str, timeout: float) -> str | Non
             return f"no healthy answer on {path} within {timeout:.0f} s (last: {last})"
         try:
             qemu.wait_http(record, path=path, timeout=min(HEALTH_POLL_SECONDS, left))
-            return None
+            # Healthy also means manageable: Ansible reaches instances over SSH.
+            if qemu.ssh_banner(record):
+                return None
+            last = "the service answers, SSH does not greet yet"
+            time.sleep(1)
         except Exception as exc:
             # qemu's message goes on with the serial tail, which the caller adds once at the end.
             last = str(exc).split(";", 1)[0] or type(exc).__name__

@@ -172,6 +172,20 @@ def wait_ssh(record: VmRecord, key: Path, timeout: float = DEFAULT_TIMEOUT) -> f
         time.sleep(2)
 
 
+def ssh_banner(record: VmRecord, timeout: float = 5.0) -> bool:
+    """Whether the guest's SSH server greets on the forwarded port (no login needed).
+
+    QEMU's user-mode network accepts a connection on the host side even while nothing listens
+    in the guest, then drops it; only the server's greeting shows that SSH is up.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", record.ssh_port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(255).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def wait_http(record: VmRecord, path: str = "/healthz", timeout: float = DEFAULT_TIMEOUT) -> float:
     """Wait until the forwarded service port answers `path` with a 2xx; return seconds taken."""
     url = f"http://127.0.0.1:{record.http_port}{path}"
