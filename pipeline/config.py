@@ -5,6 +5,7 @@ Every error names the file, the key (as a dotted path) and the value that is wro
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class ImageConfig:
     version: str
     roles: tuple[str, ...]
     base: BaseConfig = BaseConfig()
+    # The image this one is built on (its newest verified version), instead of a bare base.
+    parent: str | None = None
     template: str = "packer/local.pkr.hcl.j2"
     vars: dict[str, Any] = field(default_factory=dict)
     bump: str = "patch"
@@ -233,10 +236,11 @@ def parse(data: Any, path: Path) -> Config:
         reader.string(name, f"images.{name}", NAME)
         if name in bases:
             raise reader.fail(f"images.{name}", f"{name!r} is already the name of a base image")
-        images[name] = _image(reader, name, raw, bases)
+        images[name] = _image(reader, name, raw, bases, set(images_raw))
         bases.setdefault(images[name].base.name, images[name].base)
     if not images:
         raise reader.fail("images", "declares no image")
+    images = {name: _resolve_parent(reader, images, name) for name in images}
 
     envs_raw = reader.any_mapping(top["environments"], "environments")
     environments = {}
@@ -276,7 +280,22 @@ def _bump(reader: _Reader, raw: Any, key: str) -> tuple[str, dict[str, str]]:
     return default, rules
 
 
-def _image(reader: _Reader, name: str, raw: Any, bases: dict[str, BaseConfig]) -> ImageConfig:
+def _resolve_parent(reader: _Reader, images: dict[str, ImageConfig], name: str) -> ImageConfig:
+    """An image built on another takes the Debian base at the root of its chain."""
+    chain = [name]
+    current = images[name]
+    while current.parent is not None:
+        if current.parent in chain:
+            cycle = " -> ".join([*chain, current.parent])
+            raise reader.fail(f"images.{name}.base", f"images built on each other: {cycle}")
+        chain.append(current.parent)
+        current = images[current.parent]
+    return dataclasses.replace(images[name], base=current.base)
+
+
+def _image(
+    reader: _Reader, name: str, raw: Any, bases: dict[str, BaseConfig], image_names: set[str]
+) -> ImageConfig:
     key = f"images.{name}"
     allowed = {
         "version",
@@ -297,15 +316,24 @@ def _image(reader: _Reader, name: str, raw: Any, bases: dict[str, BaseConfig]) -
         raise reader.fail(f"{key}.roles", "must list at least one role, got []")
 
     base = bases[DEFAULT_BASE]
+    parent = None
     if isinstance(item.get("base"), dict):
         # A base written inline is a base of its own, named after the image.
         base = _base(reader, f"{name}-base", item["base"], f"{key}.base")
     elif "base" in item:
         wanted = reader.string(item["base"], f"{key}.base")
-        if wanted not in bases:
+        if wanted == name:
+            raise reader.fail(f"{key}.base", f"{name!r} cannot be built on itself")
+        if wanted in image_names:
+            parent = wanted
+        elif wanted not in bases:
             known = ", ".join(sorted(bases))
-            raise reader.fail(f"{key}.base", f"{wanted!r} is not a base declared here ({known})")
-        base = bases[wanted]
+            others = ", ".join(sorted(image_names - {name}))
+            message = f"{wanted!r} is not a base declared here ({known})"
+            message += f" nor another image ({others})" if others else ""
+            raise reader.fail(f"{key}.base", message)
+        else:
+            base = bases[wanted]
 
     variables = reader.any_mapping(item.get("vars", {}), f"{key}.vars")
     for var, value in variables.items():
@@ -323,6 +351,7 @@ def _image(reader: _Reader, name: str, raw: Any, bases: dict[str, BaseConfig]) -
         version=version,
         roles=roles,
         base=base,
+        parent=parent,
         template=template,
         vars=dict(variables),
         bump=bump,

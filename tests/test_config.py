@@ -344,3 +344,51 @@ def test_a_relative_sqlite_registry_is_beside_pipeline_yml(tmp_path: Path) -> No
     loaded = config.load(_write(tmp_path, "registry: sqlite:///shared/registry.db\n" + GOOD))
 
     assert loaded.registry == f"sqlite:///{tmp_path.resolve() / 'shared' / 'registry.db'}"
+
+
+def test_an_image_can_be_built_on_another_and_takes_its_debian_base(tmp_path: Path) -> None:
+    text = (
+        "bases:\n  tools:\n    packages: [curl]\n"
+        "images:\n"
+        "  api:\n    version: 0.1.0\n    roles: [base]\n    base: web\n"
+        "  web:\n    version: 1.0.0\n    roles: [base]\n    base: tools\n"
+        "environments: {}\n"
+    )
+
+    loaded = config.load(_write(tmp_path, text))
+
+    api = loaded.image("api")
+    assert (api.parent, api.base.name) == ("web", "tools")
+    assert loaded.image("web").parent is None
+
+
+@pytest.mark.parametrize(
+    ("images", "key", "message"),
+    [
+        (
+            {"a": "b", "b": "c", "c": "a"},
+            "images.a.base",
+            "images built on each other: a -> b -> c -> a",
+        ),
+        ({"a": "a"}, "images.a.base", "'a' cannot be built on itself"),
+        (
+            {"a": "nowhere", "b": None},
+            "images.a.base",
+            "'nowhere' is not a base declared here (debian) nor another image (b)",
+        ),
+    ],
+    ids=["cycle", "itself", "unknown"],
+)
+def test_a_wrong_parent_image_is_named(
+    tmp_path: Path, images: dict[str, str | None], key: str, message: str
+) -> None:
+    text = "images:\n"
+    for name, base in images.items():
+        text += f"  {name}:\n    version: 1.0.0\n    roles: [base]\n"
+        text += f"    base: {base}\n" if base else ""
+    path = _write(tmp_path, text + "environments: {}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value) == f"{path}: {key}: {message}"

@@ -261,6 +261,80 @@ def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict) -
     assert [v["version"] for v in listed] == [old]
 
 
+LAYER_VERIFY = """\
+---
+- name: Verify the layer and what it was built on
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Read the file the layer adds
+      ansible.builtin.slurp:
+        src: /etc/api-layer.txt
+      register: verify_layer
+      failed_when: (verify_layer.content | b64decode) != "built on web\\n"
+
+    - name: The service of the parent image still runs
+      ansible.builtin.systemd_service:
+        name: webservice
+      register: verify_unit
+      failed_when: verify_unit.status.ActiveState != "active"
+"""
+
+
+def test_an_image_built_on_another_records_its_parent(project: Project) -> None:
+    """`base: web` bakes on web's newest verified version; ancestry and revocation follow."""
+    web = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
+    parent = [v for v in web if v["status"] == "verified"][-1]["version"]
+    tasks = project.root / "roles" / "layer" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "main.yml").write_text(
+        "---\n- name: Add the layer's file\n  ansible.builtin.copy:\n"
+        '    content: "built on web\\n"\n    dest: /etc/api-layer.txt\n    mode: "0644"\n'
+    )
+    scenario = project.root / "molecule" / "api"
+    shutil.copytree(project.root / "molecule" / "web", scenario)
+    (scenario / "verify.yml").write_text(LAYER_VERIFY)
+    config = yaml.safe_load((project.root / "pipeline.yml").read_text())
+    config["images"]["api"] = {"version": "0.1.0", "roles": ["layer"], "base": "web"}
+    (project.root / "pipeline.yml").write_text(yaml.safe_dump(config))
+
+    baked, _ = project.run_json("bake", "api")
+    assert baked["baked"] is True
+    shown = json.loads(project.pipeline("images", "show", "api", "0.1.0", "--json").stdout)
+    assert (shown["parent_image"], shown["parent_version"]) == ("web", parent)
+    assert shown["manifest"]["base"]["name"] == "web"
+    verified, _ = project.run_json("verify", "api")
+    assert verified["state"] == "verified"
+
+    tree = project.pipeline("images", "tree", "api").stdout
+    lines = tree.splitlines()
+    assert lines[0].startswith("debian 1.0.0 (base) built"), tree
+    assert lines[1].startswith(f"└── web {parent} verified"), tree
+    assert lines[2] == "    └── api 0.1.0 verified", tree
+
+    # Revoking the base with its descendants, from a time to come, reaches both generations.
+    later = "2099-01-01T00:00:00Z"
+    done = project.pipeline(
+        "revoke",
+        "debian",
+        "1.0.0",
+        "--reason",
+        "end of life",
+        "--at",
+        later,
+        "--descendants",
+        "--json",
+    )
+    revoked = json.loads(done.stdout)["revoked"]
+    assert {f"{r['image']} {r['version']}" for r in revoked} >= {
+        "debian 1.0.0",
+        f"web {parent}",
+        "api 0.1.0",
+    }
+    assert not any(r["revocation"]["in_force"] for r in revoked)
+    assert project.vm_processes() == []
+
+
 def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Project) -> None:
     project.pipeline("destroy", "dev")
     failing = project.root / "roles" / "failing" / "tasks"

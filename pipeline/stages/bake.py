@@ -23,7 +23,7 @@ import yaml
 from pipeline import fingerprint as fp
 from pipeline import render
 from pipeline.config import BUMPS, Config, ImageConfig
-from pipeline.errors import ConfigError, Interrupted, ToolError
+from pipeline.errors import ConfigError, Interrupted, ToolError, UsageError
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
@@ -79,9 +79,15 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         key = f"images.{image.name}.template"
         raise ConfigError(str(config.path), key, f"template {template} does not exist")
 
-    spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
-    base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
-    base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
+    if image.parent is not None:
+        base_version = parent_version(registry, image)
+        base = _image_as_base(base_version)
+        base_part = str(base_version.manifest.get("disk_sha256") or base_version.fingerprint)
+    else:
+        spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
+        base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
+        base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
+        base_part = base.fingerprint
     tools = {
         "packer": binary_version(config.state_dir, "packer", ("version",)),
         "ansible-core": python_package_version("ansible-core"),
@@ -94,11 +100,45 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         "vars": fp.hash_value(image.vars),
         "template": fp.hash_bytes(template.read_bytes()),
         "service_port": str(image.service_port),
-        "base": base.fingerprint,
+        "base": base_part,
         "tools": fp.hash_value(tools),
     }
     return Inputs(
         image=image, base=base, base_version=base_version, parts=parts, roles=roles, tools=tools
+    )
+
+
+def parent_version(registry: Registry, image: ImageConfig) -> ImageVersion:
+    """The version of its parent image an image is built on: the newest verified, unrevoked."""
+    assert image.parent is not None
+    found = registry.newest_parent(image.parent)
+    if found is None:
+        raise UsageError(
+            f"{image.name} is built on image {image.parent}, which has no verified, unrevoked"
+            f" version yet (run `pipeline bake {image.parent}` and `pipeline verify"
+            f" {image.parent}` first)"
+        )
+    found = registry.get(found.image, found.version)
+    if not (Path(found.path) / "disk.qcow2").is_file():
+        raise UsageError(
+            f"{image.name} is built on {found.label}, whose image file is gone ({found.path});"
+            f" bake {image.parent} again"
+        )
+    return found
+
+
+def _image_as_base(version: ImageVersion) -> baseimage.BaseImage:
+    """A baked image seen as the base of another: its disk, and the kernel kept beside it."""
+    folder = Path(version.path)
+    boot = version.manifest.get("boot", {})
+    return baseimage.BaseImage(
+        dir=folder,
+        disk=folder / "disk.qcow2",
+        kernel=folder / boot.get("kernel", "vmlinuz"),
+        initrd=folder / boot.get("initrd", "initrd.img"),
+        fingerprint=version.fingerprint,
+        append=boot.get("append", baseimage.APPEND),
+        manifest=version.manifest,
     )
 
 
@@ -326,7 +366,7 @@ def _packer_build(
             "name": inputs.base_version.image,
             "version": inputs.base_version.version,
             "fingerprint": base.fingerprint,
-            "suite": base.manifest.get("suite"),
+            "suite": base.manifest.get("suite") or base.manifest.get("base", {}).get("suite"),
             "path": str(base.dir),
         },
         "packages": _read_packages(packages_file),
@@ -403,6 +443,8 @@ def _finish_image_folder(work: Path, base: baseimage.BaseImage, manifest: dict[s
 
 
 def _base_sha256(state_dir: Path, base: baseimage.BaseImage) -> str:
+    if base.manifest.get("disk_sha256"):  # an image built on another: its manifest has it
+        return str(base.manifest["disk_sha256"])
     cache = state_dir / "cache" / "base-sha256" / base.fingerprint
     if cache.is_file():
         return cache.read_text().strip()
