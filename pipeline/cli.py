@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+    def add(
+        group: Any, name: str, help_text: str, handler: Callable[..., int]
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(
             name,
             help=help_text,
             description=help_text,
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(handler=handler)
         return p
+
+    def command(name: str, help_text: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
+        return add(sub, name, help_text, handler)
 
     p = command("run", "bake -> verify -> promote -> deploy, for one environment", _cmd_run)
     p.add_argument("image")
@@ -165,15 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     images = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
 
     def images_action(name: str, text: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
-        q = images.add_parser(
-            name,
-            help=text,
-            description=text,
-            parents=[common],
-            epilog=_exit_codes(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        q.set_defaults(handler=handler)
+        q = add(images, name, text, handler)
         q.add_argument("--json", action="store_true", help="print the result as JSON")
         return q
 

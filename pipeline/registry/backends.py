@@ -41,6 +41,39 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+# Tables whose definition is the same on both databases.
+_CHANNELS = """
+    CREATE TABLE channels (
+        image TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        version TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (image, channel),
+        FOREIGN KEY (image, version) REFERENCES versions (image, version)
+    );
+"""
+_NUMBERING_AND_REVOCATIONS = """
+    CREATE TABLE lineages (
+        image TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    CREATE TABLE version_numbers (
+        image TEXT NOT NULL,
+        version TEXT NOT NULL,
+        PRIMARY KEY (image, version)
+    );
+    CREATE TABLE revocations (
+        image TEXT NOT NULL,
+        version TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        effective_at TEXT NOT NULL,
+        recorded_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (image, version)
+    )
+"""
+
 # SQLite
 
 
@@ -82,14 +115,9 @@ SQLITE_MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         PRIMARY KEY (image, version)
     );
     CREATE INDEX versions_fingerprint ON versions (image, fingerprint);
-    CREATE TABLE channels (
-        image TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        version TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (image, channel),
-        FOREIGN KEY (image, version) REFERENCES versions (image, version)
-    );
+    """
+    + _CHANNELS
+    + """
     CREATE TABLE channel_history (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         image TEXT NOT NULL,
@@ -107,25 +135,9 @@ SQLITE_MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     ALTER TABLE versions ADD COLUMN parent_version TEXT;
     ALTER TABLE channel_history ADD COLUMN kind TEXT NOT NULL DEFAULT 'promote';
     ALTER TABLE channel_history ADD COLUMN actor TEXT NOT NULL DEFAULT '';
-    CREATE TABLE lineages (
-        image TEXT PRIMARY KEY,
-        kind TEXT NOT NULL,
-        seq INTEGER NOT NULL
-    );
-    CREATE TABLE version_numbers (
-        image TEXT NOT NULL,
-        version TEXT NOT NULL,
-        PRIMARY KEY (image, version)
-    );
-    CREATE TABLE revocations (
-        image TEXT NOT NULL,
-        version TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        effective_at TEXT NOT NULL,
-        recorded_at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        PRIMARY KEY (image, version)
-    );
+    """
+    + _NUMBERING_AND_REVOCATIONS
+    + """;
     CREATE INDEX versions_order ON versions (image, sort_key, seq);
     CREATE INDEX versions_parent ON versions (parent_image, parent_version);
     CREATE INDEX channel_history_channel ON channel_history (image, channel, id)
@@ -227,14 +239,9 @@ POSTGRES_MIGRATIONS: list[str] = [
     CREATE INDEX versions_fingerprint ON versions (image, fingerprint);
     CREATE INDEX versions_order ON versions (image, sort_key, seq);
     CREATE INDEX versions_parent ON versions (parent_image, parent_version);
-    CREATE TABLE channels (
-        image TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        version TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (image, channel),
-        FOREIGN KEY (image, version) REFERENCES versions (image, version)
-    );
+    """
+    + _CHANNELS
+    + """
     CREATE TABLE channel_history (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         image TEXT NOT NULL,
@@ -246,26 +253,8 @@ POSTGRES_MIGRATIONS: list[str] = [
         actor TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX channel_history_channel ON channel_history (image, channel, id);
-    CREATE TABLE lineages (
-        image TEXT PRIMARY KEY,
-        kind TEXT NOT NULL,
-        seq INTEGER NOT NULL
-    );
-    CREATE TABLE version_numbers (
-        image TEXT NOT NULL,
-        version TEXT NOT NULL,
-        PRIMARY KEY (image, version)
-    );
-    CREATE TABLE revocations (
-        image TEXT NOT NULL,
-        version TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        effective_at TEXT NOT NULL,
-        recorded_at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        PRIMARY KEY (image, version)
-    )
-    """,
+    """
+    + _NUMBERING_AND_REVOCATIONS,
 ]
 
 # Any constant will do: it names "the registry's schema" among the server's advisory locks.
