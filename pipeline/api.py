@@ -190,8 +190,10 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             log = context(version.label, Stage.PROMOTE.value)
             if move.moved:
                 log.info("channel %s now points at %s", environment.channel, version.version)
+            elif move.current == version.version:
+                log.info("channel %s already on %s", environment.channel, version.version)
             else:
-                log.info("channel %s stays: %s %s", environment.channel, move.note, move.current)
+                log.info("channel %s stays on %s: %s", environment.channel, move.current, move.note)
             deployed = deploy_stage.deploy(config, environment, run=run_, registry=registry)
             result = RunResult(
                 image=image,
