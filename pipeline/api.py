@@ -499,16 +499,16 @@ def _describe_all(registry: Registry, versions: list[ImageVersion]) -> list[dict
     for channel in registry.channels():
         channels.setdefault((channel.image, channel.version), []).append(channel.channel)
     kinds = {lineage.image: lineage.kind for lineage in registry.lineages()}
-    newest: dict[str, ImageVersion | None] = {}
+    # Versions share few parents: ask the registry once per parent, not once per version.
+    newer_parent: dict[tuple[str, str], ImageVersion | None] = {}
     described = []
     for version in versions:
         outdated = None
         if version.parent_image and version.parent_version:
-            if version.parent_image not in newest:
-                newest[version.parent_image] = registry.newest_parent(version.parent_image)
-            candidate = newest[version.parent_image]
-            if candidate is not None and candidate.version != version.parent_version:
-                outdated = registry.outdated(version)
+            parent = (version.parent_image, version.parent_version)
+            if parent not in newer_parent:
+                newer_parent[parent] = registry.outdated(version)
+            outdated = newer_parent[parent]
         revocation = version.revocation
         described.append(
             {

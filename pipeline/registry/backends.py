@@ -34,6 +34,9 @@ class Backend(Protocol):
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
+    # Rows as plain tuples, read by position: for listings of thousands of rows.
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
 
     def transaction(self) -> contextlib.AbstractContextManager[None]: ...
@@ -41,7 +44,8 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-# Tables whose definition is the same on both databases.
+# Tables whose definition is the same on both databases. Sort keys compare byte by byte:
+# {collate} is BINARY on SQLite and "C" on PostgreSQL.
 _CHANNELS = """
     CREATE TABLE channels (
         image TEXT NOT NULL,
@@ -61,6 +65,14 @@ _NUMBERING_AND_REVOCATIONS = """
     CREATE TABLE version_numbers (
         image TEXT NOT NULL,
         version TEXT NOT NULL,
+        sort_key TEXT COLLATE {collate} NOT NULL,
+        PRIMARY KEY (image, version)
+    );
+    CREATE INDEX version_numbers_order ON version_numbers (image, sort_key);
+    CREATE TABLE manifests (
+        image TEXT NOT NULL,
+        version TEXT NOT NULL,
+        manifest TEXT NOT NULL,
         PRIMARY KEY (image, version)
     );
     CREATE TABLE revocations (
@@ -78,7 +90,8 @@ _NUMBERING_AND_REVOCATIONS = """
 
 
 def _sqlite_fill_order(db: sqlite3.Connection) -> None:
-    """Migration 2, the part SQL cannot do: sort keys, per-image order and number lineages."""
+    """Migration 2, the part SQL cannot do: sort keys, per-image order and number lineages;
+    manifests move to a table of their own (a listing then reads small rows only)."""
     rows = db.execute("SELECT image, version FROM versions ORDER BY created_at").fetchall()
     seen: dict[str, list[str]] = {}
     for image, version in rows:
@@ -93,9 +106,14 @@ def _sqlite_fill_order(db: sqlite3.Connection) -> None:
             "INSERT INTO lineages (image, kind, seq) VALUES (?, 'image', ?)", (image, len(numbers))
         )
         db.executemany(
-            "INSERT INTO version_numbers (image, version) VALUES (?, ?)",
-            [(image, number) for number in numbers],
+            "INSERT INTO version_numbers (image, version, sort_key) VALUES (?, ?, ?)",
+            [(image, number, Version.parse(number).sort_text()) for number in numbers],
         )
+    db.execute(
+        "INSERT INTO manifests (image, version, manifest)"
+        " SELECT image, version, manifest FROM versions"
+    )
+    db.execute("ALTER TABLE versions DROP COLUMN manifest")
 
 
 SQLITE_MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
@@ -136,7 +154,7 @@ SQLITE_MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     ALTER TABLE channel_history ADD COLUMN kind TEXT NOT NULL DEFAULT 'promote';
     ALTER TABLE channel_history ADD COLUMN actor TEXT NOT NULL DEFAULT '';
     """
-    + _NUMBERING_AND_REVOCATIONS
+    + _NUMBERING_AND_REVOCATIONS.format(collate="BINARY")
     + """;
     CREATE INDEX versions_order ON versions (image, sort_key, seq);
     CREATE INDEX versions_parent ON versions (parent_image, parent_version);
@@ -176,6 +194,11 @@ class SQLiteBackend:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return self._db.execute(sql, params).fetchall()
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        return cursor.execute(sql, params).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._db.execute(sql, params).rowcount
@@ -230,7 +253,6 @@ POSTGRES_MIGRATIONS: list[str] = [
         parent_version TEXT,
         state TEXT NOT NULL,
         path TEXT NOT NULL,
-        manifest TEXT NOT NULL,
         failure TEXT NOT NULL DEFAULT '',
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL,
@@ -254,7 +276,7 @@ POSTGRES_MIGRATIONS: list[str] = [
     );
     CREATE INDEX channel_history_channel ON channel_history (image, channel, id);
     """
-    + _NUMBERING_AND_REVOCATIONS,
+    + _NUMBERING_AND_REVOCATIONS.format(collate='"C"'),
 ]
 
 # Any constant will do: it names "the registry's schema" among the server's advisory locks.
@@ -289,6 +311,12 @@ class PostgresBackend:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return self._db.execute(_placeholders(sql), params).fetchall()
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        from psycopg.rows import tuple_row
+
+        with self._db.cursor(row_factory=tuple_row) as cursor:
+            return cursor.execute(_placeholders(sql), params).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._db.execute(_placeholders(sql), params).rowcount

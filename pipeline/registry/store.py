@@ -49,7 +49,9 @@ class Revocation:
         return self.effective_at <= (now or utcnow())
 
 
-@dataclass(frozen=True)
+# Not frozen: a listing builds ten thousand of these, and a frozen dataclass takes four times
+# as long to build. Treat it as a value all the same.
+@dataclass(slots=True)
 class ImageVersion:
     """One baked artifact of an image (or one version of a base image)."""
 
@@ -131,6 +133,9 @@ _COLUMNS = (
     " r.reason, r.effective_at, r.recorded_at, r.actor"
 )
 _FROM = " FROM versions v LEFT JOIN revocations r ON r.image = v.image AND r.version = v.version"
+_FROM_WITH_MANIFEST = (
+    _FROM + " LEFT JOIN manifests m ON m.image = v.image AND m.version = v.version"
+)
 
 
 class Registry:
@@ -150,7 +155,8 @@ class Registry:
 
     def get(self, image: str, version: str) -> ImageVersion:
         rows = self.backend.query(
-            f"SELECT {_COLUMNS}, v.manifest{_FROM} WHERE v.image = ? AND v.version = ?",
+            f"SELECT {_COLUMNS}, m.manifest{_FROM_WITH_MANIFEST}"
+            " WHERE v.image = ? AND v.version = ?",
             (image, version),
         )
         if not rows:
@@ -165,14 +171,35 @@ class Registry:
 
     def versions(self, image: str) -> list[ImageVersion]:
         """Every version of `image`, oldest first in semantic-version order (no manifests)."""
-        rows = self.backend.query(
-            f"SELECT {_COLUMNS}{_FROM} WHERE v.image = ? ORDER BY v.sort_key, v.seq", (image,)
-        )
-        return [_version(row) for row in rows]
+        return self._listing(" WHERE v.image = ? ORDER BY v.sort_key, v.seq", (image,))
 
     def all_versions(self) -> list[ImageVersion]:
-        rows = self.backend.query(f"SELECT {_COLUMNS}{_FROM} ORDER BY v.image, v.sort_key, v.seq")
-        return [_version(row) for row in rows]
+        return self._listing(" ORDER BY v.image, v.sort_key, v.seq", ())
+
+    def _listing(self, where: str, params: tuple[str, ...]) -> list[ImageVersion]:
+        """Versions for a listing: plain rows, read by position (the fast path; no manifests)."""
+        found = []
+        for row in self.backend.rows(f"SELECT {_COLUMNS}{_FROM}{where}", params):
+            revocation = None if row[12] is None else Revocation(*row[12:16])
+            found.append(
+                ImageVersion(
+                    row[0],  # image
+                    row[1],  # version
+                    row[3],  # build_id
+                    row[4],  # fingerprint
+                    row[7],  # state
+                    row[8],  # path
+                    row[5],  # parent_image
+                    row[6],  # parent_version
+                    {},  # manifest
+                    row[9],  # failure
+                    row[10],  # created_at
+                    row[11],  # updated_at
+                    row[2],  # seq
+                    revocation,
+                )
+            )
+        return found
 
     def latest(
         self, image: str, *, states: Sequence[str] = STATES, unrevoked: bool = False
@@ -198,7 +225,8 @@ class Registry:
     def by_fingerprint(self, image: str, fingerprint: str) -> ImageVersion | None:
         """The newest usable, unrevoked version baked from exactly these inputs, if any."""
         rows = self.backend.query(
-            f"SELECT {_COLUMNS}, v.manifest{_FROM} WHERE v.image = ? AND v.fingerprint = ?"
+            f"SELECT {_COLUMNS}, m.manifest{_FROM_WITH_MANIFEST}"
+            " WHERE v.image = ? AND v.fingerprint = ?"
             " AND v.state IN ('built', 'verified') ORDER BY v.sort_key DESC, v.seq DESC",
             (image, fingerprint),
         )
@@ -259,7 +287,7 @@ class Registry:
 
     def next_number(self, image: str, declared: str, bump: str) -> str:
         """The number the next version gets (what `reserve` would pick now)."""
-        return _next_number(self._used_numbers(image), declared, bump)
+        return self._next_number(image, declared, bump)
 
     def reserve(
         self,
@@ -282,7 +310,7 @@ class Registry:
             raise ValueError(f"unknown bump {bump!r}")
         with self.backend.transaction():
             self._lock_lineage(image, kind)
-            number = _next_number(self._used_numbers(image), declared, bump)
+            number = self._next_number(image, declared, bump)
             self._insert(
                 image,
                 number,
@@ -315,7 +343,7 @@ class Registry:
             raise ValueError(f"unknown state {state!r}")
         with self.backend.transaction():
             self._lock_lineage(image, kind)
-            if version in self._used_numbers(image):
+            if self._number_used(image, version):
                 raise UsageError(f"{image} {version} was used before; a number is never reused")
             self._insert(
                 image,
@@ -343,7 +371,7 @@ class Registry:
             newest = self.latest(image, states=USABLE, unrevoked=True)
             if newest is not None and newest.fingerprint == fingerprint:
                 return self.get(image, newest.version)
-            number = _next_number(self._used_numbers(image), "1.0.0", "patch")
+            number = self._next_number(image, "1.0.0", "patch")
             self._insert(
                 image,
                 number,
@@ -365,8 +393,12 @@ class Registry:
         with self.backend.transaction():
             self._lock_lineage(image)
             self.backend.execute(
-                "UPDATE versions SET manifest = ?, path = ? WHERE image = ? AND version = ?",
-                (json.dumps(manifest, sort_keys=True), path, image, version),
+                "UPDATE versions SET path = ? WHERE image = ? AND version = ?",
+                (path, image, version),
+            )
+            self.backend.execute(
+                "UPDATE manifests SET manifest = ? WHERE image = ? AND version = ?",
+                (json.dumps(manifest, sort_keys=True), image, version),
             )
             self._set_state(image, version, state, "")
         return self.get(image, version)
@@ -561,6 +593,9 @@ class Registry:
                     "DELETE FROM revocations WHERE image = ? AND version = ?", (image, version)
                 )
                 self.backend.execute(
+                    "DELETE FROM manifests WHERE image = ? AND version = ?", (image, version)
+                )
+                self.backend.execute(
                     "DELETE FROM versions WHERE image = ? AND version = ?", (image, version)
                 )
         return len(pairs)
@@ -583,9 +618,25 @@ class Registry:
         if rows and kind is not None and rows[0]["kind"] != kind:
             raise UsageError(f"{image!r} is a {rows[0]['kind']} image, not a {kind} image")
 
-    def _used_numbers(self, image: str) -> set[str]:
-        rows = self.backend.query("SELECT version FROM version_numbers WHERE image = ?", (image,))
-        return {row["version"] for row in rows}
+    def _number_used(self, image: str, version: str) -> bool:
+        rows = self.backend.query(
+            "SELECT 1 AS used FROM version_numbers WHERE image = ? AND version = ?",
+            (image, version),
+        )
+        return bool(rows)
+
+    def _next_number(self, image: str, declared: str, bump: str) -> str:
+        """The declared number if it was never used, else a bump of the highest number used."""
+        if not self._number_used(image, declared):
+            return declared
+        rows = self.backend.query(
+            "SELECT version FROM version_numbers WHERE image = ? ORDER BY sort_key DESC LIMIT 1",
+            (image,),
+        )
+        candidate = Version.parse(rows[0]["version"]).bump(bump)
+        while self._number_used(image, str(candidate)):  # only after hand-made pre-releases
+            candidate = candidate.bump("patch")
+        return str(candidate)
 
     def _insert(
         self,
@@ -603,18 +654,24 @@ class Registry:
         now = utcnow()
         self.backend.execute("UPDATE lineages SET seq = seq + 1 WHERE image = ?", (image,))
         seq = self.backend.query("SELECT seq FROM lineages WHERE image = ?", (image,))[0]["seq"]
+        sort_text = Version.parse(version).sort_text()
         self.backend.execute(
-            "INSERT INTO version_numbers (image, version) VALUES (?, ?)", (image, version)
+            "INSERT INTO version_numbers (image, version, sort_key) VALUES (?, ?, ?)",
+            (image, version, sort_text),
+        )
+        self.backend.execute(
+            "INSERT INTO manifests (image, version, manifest) VALUES (?, ?, ?)",
+            (image, version, json.dumps(manifest, sort_keys=True)),
         )
         self.backend.execute(
             "INSERT INTO versions (image, version, seq, sort_key, build_id, fingerprint, parent,"
-            " parent_image, parent_version, state, path, manifest, failure, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " parent_image, parent_version, state, path, failure, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 image,
                 version,
                 seq,
-                Version.parse(version).sort_text(),
+                sort_text,
                 build_id,
                 fingerprint,
                 " ".join(parent) if parent else "",
@@ -622,7 +679,6 @@ class Registry:
                 parent[1] if parent else None,
                 state,
                 path,
-                json.dumps(manifest, sort_keys=True),
                 failure,
                 now,
                 now,
@@ -667,17 +723,6 @@ class Registry:
             return f"the registry has no image {image!r} (images: {known})"
         newest = ", ".join(v.version for v in self.versions(image)[-5:]) or "none"
         return f"{image} has no version {version!r} (newest: {newest})"
-
-
-def _next_number(used: set[str], declared: str, bump: str) -> str:
-    """The declared number if it was never used, else a bump of the highest number used."""
-    if declared not in used:
-        return declared
-    highest = max((Version.parse(number) for number in used), key=Version.key)
-    candidate = highest.bump(bump)
-    while str(candidate) in used:  # only possible when pre-releases were declared by hand
-        candidate = candidate.bump("patch")
-    return str(candidate)
 
 
 def _order(version: ImageVersion) -> tuple[Any, ...]:
