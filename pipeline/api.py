@@ -424,21 +424,31 @@ def _versions_in_use(
     """Versions that environments' Terraform states and running VMs use, with who uses them."""
     from pipeline.targets.local import qemu
 
-    used: dict[tuple[str, str], list[str]] = {}
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+
+    def count(key: tuple[str, str], user: str) -> None:
+        users = counts.setdefault(key, {})
+        users[user] = users.get(user, 0) + 1
+
     for environment in config.environments.values():
         tf = deploy_stage.terraform_for(config, environment, config.state_dir / "logs" / "gc")
         for item in tf.state_instances():
             version = (item.get("labels") or {}).get("version")
             if version:
-                key = (environment.image, str(version))
-                used.setdefault(key, []).append(
-                    f"environment {environment.name} runs it ({item.get('name')}, Terraform state)"
-                )
+                count((environment.image, str(version)), f"environment {environment.name}")
     for record in qemu.list_vms(config.state_dir / "vms"):
         image, version = record.labels.get("image"), record.labels.get("version")
         if image and version and qemu.is_running(record):
-            used.setdefault((image, version), []).append(f"VM {record.name} is running it")
-    return used
+            count((image, version), "running VM")
+    return {
+        key: [
+            f"{users['running VM']} running VM(s) use it"
+            if user == "running VM"
+            else f"{user} runs it ({n} instance(s) in its Terraform state)"
+            for user, n in users.items()
+        ]
+        for key, users in counts.items()
+    }
 
 
 def _gc_entry(version: ImageVersion, reasons: list[str]) -> dict[str, Any]:

@@ -627,3 +627,15 @@ def test_open_registry_prefers_the_environment_variable(
 
     assert chosen.is_file()
     assert not (tmp_path / "state" / "registry.db").exists()
+
+
+def test_revoked_versions_of_the_same_inputs_are_found(registry: Registry) -> None:
+    _add(registry, "1.0.0", state="verified", fingerprint="same")
+    _add(registry, "1.0.1", state="verified", fingerprint="same")
+    registry.revoke("web", "1.0.0", reason="bad message")
+    registry.revoke("web", "1.0.1", reason="later", at=_at(days=3))
+
+    found = registry.revoked_with_fingerprint("web", "same")
+
+    assert [v.label for v in found] == ["web 1.0.0"]
+    assert registry.revoked_with_fingerprint("web", "other") == []

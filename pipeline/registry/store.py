@@ -235,6 +235,16 @@ class Registry:
         usable = [v for v in found if not v.revoked(now)]
         return usable[0] if usable else None
 
+    def revoked_with_fingerprint(self, image: str, fingerprint: str) -> list[ImageVersion]:
+        """Versions revoked by now that were baked from exactly these inputs."""
+        rows = self.backend.query(
+            f"SELECT {_COLUMNS}{_FROM} WHERE v.image = ? AND v.fingerprint = ?"
+            " AND r.reason IS NOT NULL ORDER BY v.sort_key, v.seq",
+            (image, fingerprint),
+        )
+        now = utcnow()
+        return [v for v in map(_version, rows) if v.revoked(now)]
+
     def children(self, image: str, version: str) -> list[ImageVersion]:
         rows = self.backend.query(
             f"SELECT {_COLUMNS}{_FROM} WHERE v.parent_image = ? AND v.parent_version = ?"

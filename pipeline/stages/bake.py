@@ -234,6 +234,13 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
         run.event("bake.unchanged", version=existing.version, fingerprint=inputs.fingerprint)
         return BakeResult(existing, baked=False)
 
+    for twin in registry.revoked_with_fingerprint(image.name, inputs.fingerprint):
+        assert twin.revocation is not None
+        log.warning(
+            "these inputs are those of %s, revoked: %s; baking them again as a new version",
+            twin.label,
+            twin.revocation.reason,
+        )
     abandon_stale_builds(config, registry, image.name)
     newest = registry.latest(image.name)
     previous = registry.get(image.name, newest.version) if newest else None
