@@ -295,6 +295,8 @@ def tree(
     target = Path(output) if output is not None else None
     if target is not None and target.suffix.lower() != ".svg":
         raise UsageError(f"--output {target}: the picture is written as SVG; name it *.svg")
+    if target is not None and not target.parent.resolve().is_dir():
+        raise UsageError(f"--output {target}: the folder {target.parent} does not exist")
     with _project(config_path) as (config, registry):
         if image is not None:
             _known_image(config, registry, image)
@@ -349,6 +351,8 @@ def revoke(
 ) -> dict[str, Any]:
     """Revoke a version (and optionally every version built on it) from `at` (default now)."""
     moment = parse_time(at) if at is not None else None
+    if any(ord(char) < 32 or ord(char) == 127 for char in reason):
+        raise UsageError("--reason must be one line of text, without control characters")
     with _project(config_path) as (config, registry):
         _known_image(config, registry, image)
         before = {
@@ -408,14 +412,40 @@ def gc(
             for key, version in decided.versions.items()
             if key in decided.keep
         ]
+        strays = _stray_folders(config, registry)
         if not dry_run and decided.delete:
             registry.delete([(v.image, v.version) for v in decided.delete])
             remaining = {v.path for v in registry.all_versions()}
             for version in decided.delete:
                 _remove_files(config, version, remaining)
+        if not dry_run:
+            for folder in strays:
+                shutil.rmtree(folder, ignore_errors=True)
         if run_ is not None:
             run_.finish("ok", 0, deleted=[d["label"] for d in deleted])
-        return {"dry_run": dry_run, "keep": keep, "deleted": deleted, "kept": kept}
+        return {
+            "dry_run": dry_run,
+            "keep": keep,
+            "deleted": deleted,
+            "kept": kept,
+            "stray_folders": [str(folder) for folder in strays],
+        }
+
+
+def _stray_folders(config: Config, registry: Registry) -> list[Path]:
+    """Image folders whose version was deleted from the registry but not from disk (a gc that
+    was interrupted between the two)."""
+    strays = []
+    for lineage in registry.lineages():
+        folder = config.state_dir / "images" / lineage.image
+        if not folder.is_dir():
+            continue
+        known = {v.version for v in registry.versions(lineage.image)}
+        for child in sorted(folder.iterdir()):
+            name = child.name
+            if child.is_dir() and name not in known and registry.number_used(lineage.image, name):
+                strays.append(child)
+    return strays
 
 
 def _versions_in_use(
@@ -560,7 +590,10 @@ def parse_time(text: str) -> str:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
-    return format_time(moment)
+    try:
+        return format_time(moment)
+    except OverflowError:
+        raise UsageError(f"--at {text!r} is out of range once turned into UTC") from None
 
 
 def _pick_version(registry: Registry, image: str, version: str | None) -> ImageVersion:

@@ -301,6 +301,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     for item in result["kept"]:
         reasons = "; ".join(item["reasons"])
         print(f"{'kept':<12}  {item['label']:<24} {item['status']:<9} {reasons}")
+    for folder in result["stray_folders"]:
+        print(f"{verb:<12}  {'(no record)':<24} {'stray':<9} {folder}")
     print(f"{verb} {len(result['deleted'])} version(s), kept {len(result['kept'])}")
     return 0
 

@@ -247,6 +247,11 @@ def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict) -
     assert {i["version"] for i in back["instances"]} == {old}
     assert all(i["health"] == "healthy" for i in back["instances"])
 
+    # Baking the revoked version's very inputs again is refused, and nothing is recorded.
+    again = project.pipeline("bake", "web", check=False)
+    assert again.returncode == 2, again.stderr
+    assert f"these inputs are exactly those of web {new}, revoked" in again.stderr
+
     # gc keeps what the fleet runs (read from Terraform's state) and deletes the revoked one.
     plan = json.loads(project.pipeline("gc", "--keep", "1", "--dry-run", "--json").stdout)
     assert [d["label"] for d in plan["deleted"]] == [f"web {new}"]

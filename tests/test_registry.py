@@ -20,7 +20,7 @@ BACKENDS = ["sqlite", "postgresql"]
 @pytest.fixture(params=BACKENDS)
 def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'registry.db'}"
+        return f"sqlite:///{tmp_path / 'registry.db'}"
     new_db: Callable[[], str] = request.getfixturevalue("new_postgres_db")
     return new_db()
 

@@ -912,7 +912,7 @@ def test_gc_json_has_what_was_deleted_and_why_the_rest_was_kept(project: Path) -
 
     result = as_json(project, "gc", "--keep", "1", "--dry-run")
 
-    assert set(result) == {"dry_run", "keep", "deleted", "kept"}
+    assert set(result) == {"dry_run", "keep", "deleted", "kept", "stray_folders"}
     assert (result["dry_run"], result["keep"]) == (True, 1)
     entry = {"label", "image", "version", "status", "path", "reasons"}
     assert all(set(item) == entry for item in result["deleted"] + result["kept"])
@@ -973,3 +973,61 @@ def test_a_reader_that_goes_away_is_not_reported_as_a_bug(project: Path) -> None
     assert "Traceback" not in done.stderr
     assert "internal error" not in done.stderr
     assert done.returncode != 1
+
+
+def test_gc_removes_folders_an_interrupted_gc_left_behind(project: Path) -> None:
+    seed_for_gc(project)
+    with registry_of(project) as registry:
+        # What a gc stopped between deleting records and deleting folders leaves.
+        registry.delete([("web", "1.0.0")])
+    unrelated = project / ".pipeline" / "images" / "web" / "notes"
+    unrelated.mkdir()
+
+    planned = as_json(project, "gc", "--keep", "1", "--dry-run")
+    done = as_json(project, "gc", "--keep", "1")
+
+    stray = str(project / ".pipeline" / "images" / "web" / "1.0.0")
+    assert planned["stray_folders"] == done["stray_folders"] == [stray]
+    assert not Path(stray).exists()
+    assert unrelated.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("at", "message"),
+    [
+        ("9999-12-31T23:59:59-05:00", "is out of range once turned into UTC"),
+        ("yesterday", "is not a time"),
+    ],
+)
+def test_an_at_time_that_cannot_be_stored_is_a_usage_error(
+    project: Path, at: str, message: str
+) -> None:
+    seed_story(project)
+
+    done = pipeline(project, "revoke", "web", "1.0.0", "--reason", "x", "--at", at)
+
+    assert done.returncode == 2
+    assert message in error_line(done)
+
+
+def test_a_reason_with_control_characters_is_refused(project: Path) -> None:
+    seed_story(project)
+
+    done = pipeline(project, "revoke", "web", "1.1.0", "--reason", "one\ntwo\x1b[31m")
+
+    assert done.returncode == 2
+    assert error_line(done) == "--reason must be one line of text, without control characters"
+    assert as_json(project, "images", "show", "web", "1.1.0")["revocation"] is None
+
+
+def test_a_registry_in_a_folder_that_does_not_exist_is_refused(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = project / "no" / "such" / "registry.db"
+    monkeypatch.setenv(URL_VARIABLE, f"sqlite:///{missing}")
+
+    done = pipeline(project, "images", "list")
+
+    assert done.returncode == 4
+    assert error_line(done) == f"cannot open the registry {missing}: no folder {missing.parent}"
+    assert not (project / "no").exists()

@@ -42,5 +42,7 @@ def default_url(state_dir: Path) -> str:
 
 def open_registry(state_dir: Path, url: str | None = None) -> Registry:
     """The registry named by $PIPELINE_REGISTRY_URL, else by `url`, else the state folder's."""
-    chosen = os.environ.get(URL_VARIABLE) or url or default_url(state_dir)
-    return Registry(connect(chosen))
+    chosen = os.environ.get(URL_VARIABLE) or url
+    if chosen:
+        return Registry(connect(chosen))
+    return Registry(connect(default_url(state_dir), create_folder=True))

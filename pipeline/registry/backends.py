@@ -170,8 +170,11 @@ class SQLiteBackend:
     name = "sqlite"
     for_update = ""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, create_folder: bool = False) -> None:
+        if create_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            raise RegistryUnavailable(f"cannot open the registry {path}: no folder {path.parent}")
         self.path = path
         self.url = f"sqlite:///{path}"
         try:
@@ -375,14 +378,18 @@ URL_SCHEMES = ("sqlite", "postgresql", "postgres")
 _SQLITE_URL = re.compile(r"sqlite:///(?P<path>.+)")
 
 
-def connect(url: str) -> Backend:
-    """The backend for a registry URL: `sqlite:///path` or `postgresql://...`."""
+def connect(url: str, *, create_folder: bool = False) -> Backend:
+    """The backend for a registry URL: `sqlite:///path` or `postgresql://...`.
+
+    An SQLite file's folder must exist unless `create_folder` (the default registry's, in the
+    state folder): a mistyped path is refused rather than created.
+    """
     scheme = url.split(":", 1)[0]
     if scheme in ("postgresql", "postgres"):
         return PostgresBackend(url)
     match = _SQLITE_URL.fullmatch(url)
-    if scheme == "sqlite" and match:
-        return SQLiteBackend(Path(match["path"]))
+    if scheme == "sqlite" and match and match["path"] != ":memory:":
+        return SQLiteBackend(Path(match["path"]), create_folder=create_folder)
     raise RegistryUnavailable(
         f"registry URL {redact(url)!r} is neither sqlite:///PATH nor postgresql://..."
     )

@@ -628,6 +628,10 @@ class Registry:
         if rows and kind is not None and rows[0]["kind"] != kind:
             raise UsageError(f"{image!r} is a {rows[0]['kind']} image, not a {kind} image")
 
+    def number_used(self, image: str, version: str) -> bool:
+        """Whether `version` was ever given to a version of `image` (deleted ones included)."""
+        return self._number_used(image, version)
+
     def _number_used(self, image: str, version: str) -> bool:
         rows = self.backend.query(
             "SELECT 1 AS used FROM version_numbers WHERE image = ? AND version = ?",

@@ -236,10 +236,10 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
 
     for twin in registry.revoked_with_fingerprint(image.name, inputs.fingerprint):
         assert twin.revocation is not None
-        log.warning(
-            "these inputs are those of %s, revoked: %s; baking them again as a new version",
-            twin.label,
-            twin.revocation.reason,
+        # Baking them again would only bring back what was revoked, under a new number.
+        raise UsageError(
+            f"these inputs are exactly those of {twin.label}, revoked: {twin.revocation.reason};"
+            " change the roles, variables, template or base before baking again"
         )
     abandon_stale_builds(config, registry, image.name)
     newest = registry.latest(image.name)
