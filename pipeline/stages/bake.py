@@ -85,9 +85,7 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         base_part = str(base_version.manifest.get("disk_sha256") or base_version.fingerprint)
     else:
         spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
-        base = baseimage.ensure_base_image(
-            config.state_dir, spec, log_dir=run.dir / "logs", name=image.base.name
-        )
+        base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
         base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
         base_part = base.fingerprint
     tools = {

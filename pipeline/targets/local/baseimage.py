@@ -167,9 +167,7 @@ def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def ensure_base_image(
-    state_dir: Path, spec: BaseSpec, *, log_dir: Path, name: str = ""
-) -> BaseImage:
+def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
     """Return the cached base image for `spec`, building it first if it is not there."""
     key = ssh_key(state_dir)
     public_key = key.with_suffix(".pub").read_text()
@@ -178,7 +176,7 @@ def ensure_base_image(
     if (final / "manifest.json").exists():
         return _load(final)
 
-    context(f"base {name or spec.suite}", "build").info(
+    context(f"base {spec.suite}", "build").info(
         "building the Debian base image %s from packages (about a minute; cached after)", fp
     )
     final.parent.mkdir(parents=True, exist_ok=True)
