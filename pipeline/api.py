@@ -30,7 +30,7 @@ from pipeline.registry import (
     picture,
     retention,
 )
-from pipeline.registry.store import format_time
+from pipeline.registry.store import format_time, no_collection
 from pipeline.runs import Run
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
@@ -263,7 +263,8 @@ def images(
             versions = registry.versions(image)
         else:
             versions = registry.all_versions()
-        return _describe_all(registry, versions)
+        with no_collection():
+            return _describe_all(registry, versions)
 
 
 def show(image: str, version: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
