@@ -370,8 +370,7 @@ def revoke(
             held = by_key.get((channel.image, channel.version))
             if held is None or held.revocation is None:
                 continue
-            back = registry.rollback_target(channel.image, channel.channel)
-            usable = registry.find(channel.image, back) if back else None
+            back = registry.usable_rollback_target(channel.image, channel.channel)
             channels.append(
                 {
                     "image": channel.image,
@@ -379,7 +378,7 @@ def revoke(
                     "version": channel.version,
                     "in_force": held.revoked(),
                     "effective_at": held.revocation.effective_at,
-                    "rollback_to": back if usable and usable.why_unusable() is None else None,
+                    "rollback_to": back.version if back is not None else None,
                 }
             )
         return {"revoked": described, "channels": channels}

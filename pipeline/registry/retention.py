@@ -51,9 +51,8 @@ def plan(registry: Registry, *, keep: int, in_use: Mapping[Key, list[str]]) -> R
 
     for channel in registry.channels():
         hold((channel.image, channel.version), f"channel {channel.channel} points at it")
-        back = registry.rollback_target(channel.image, channel.channel)
-        target = registry.find(channel.image, back) if back is not None else None
-        if target is not None and target.why_unusable() is None:
+        target = registry.usable_rollback_target(channel.image, channel.channel)
+        if target is not None:
             hold(
                 (channel.image, target.version), f"channel {channel.channel} would roll back to it"
             )

@@ -359,7 +359,7 @@ class Registry:
             raise ValueError(f"unknown state {state!r}")
         with self.backend.transaction():
             self._lock_lineage(image, kind)
-            if self._number_used(image, version):
+            if self.number_used(image, version):
                 raise UsageError(f"{image} {version} was used before; a number is never reused")
             self._insert(
                 image,
@@ -495,10 +495,7 @@ class Registry:
             if refusal is not None:
                 raise UsageError(f"cannot promote to {channel}: {refusal}")
             current = self._channel_version(image, channel)
-            if expect is not ... and current != expect:
-                raise ChannelMoved(
-                    image, channel, expect if isinstance(expect, str) else None, current
-                )
+            _check_expected(image, channel, current, expect)
             if current == version:
                 return ChannelMove(image, channel, current, current, False, note="already there")
             if current is not None and not allow_older:
@@ -520,6 +517,12 @@ class Registry:
                 stack.append(move.current or "")
         return stack[-2] if len(stack) >= 2 else None
 
+    def usable_rollback_target(self, image: str, channel: str) -> ImageVersion | None:
+        """The version a rollback of `channel` would move to, if it exists and may be used."""
+        back = self.rollback_target(image, channel)
+        target = self.find(image, back) if back is not None else None
+        return target if target is not None and target.why_unusable() is None else None
+
     def rollback(self, image: str, channel: str, *, expect: object = ...) -> ChannelMove:
         """Move `channel` back to the version it held before its current one."""
         with self.backend.transaction():
@@ -529,10 +532,7 @@ class Registry:
                 raise UsageError(
                     f"channel {channel} of {image} points at nothing; nothing to roll back"
                 )
-            if expect is not ... and current != expect:
-                raise ChannelMoved(
-                    image, channel, expect if isinstance(expect, str) else None, current
-                )
+            _check_expected(image, channel, current, expect)
             previous = self.rollback_target(image, channel)
             if previous is None:
                 raise UsageError(
@@ -636,9 +636,6 @@ class Registry:
 
     def number_used(self, image: str, version: str) -> bool:
         """Whether `version` was ever given to a version of `image` (deleted ones included)."""
-        return self._number_used(image, version)
-
-    def _number_used(self, image: str, version: str) -> bool:
         rows = self.backend.query(
             "SELECT 1 AS used FROM version_numbers WHERE image = ? AND version = ?",
             (image, version),
@@ -647,14 +644,14 @@ class Registry:
 
     def _next_number(self, image: str, declared: str, bump: str) -> str:
         """The declared number if it was never used, else a bump of the highest number used."""
-        if not self._number_used(image, declared):
+        if not self.number_used(image, declared):
             return declared
         rows = self.backend.query(
             "SELECT version FROM version_numbers WHERE image = ? ORDER BY sort_key DESC LIMIT 1",
             (image,),
         )
         candidate = Version.parse(rows[0]["version"]).bump(bump)
-        while self._number_used(image, str(candidate)):  # only after hand-made pre-releases
+        while self.number_used(image, str(candidate)):  # only after hand-made pre-releases
             candidate = candidate.bump("patch")
         return str(candidate)
 
@@ -743,6 +740,12 @@ class Registry:
             return f"the registry has no image {image!r} (images: {known})"
         newest = ", ".join(v.version for v in self.versions(image)[-5:]) or "none"
         return f"{image} has no version {version!r} (newest: {newest})"
+
+
+def _check_expected(image: str, channel: str, current: str | None, expect: object) -> None:
+    """The compare of a compare-and-swap: `...` expects nothing in particular."""
+    if expect is not ... and current != expect:
+        raise ChannelMoved(image, channel, expect if isinstance(expect, str) else None, current)
 
 
 def _order(version: ImageVersion) -> tuple[Any, ...]:
