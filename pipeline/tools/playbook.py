@@ -1,0 +1,115 @@
+"""Playbooks the pipeline runs itself (smoke tests), through ansible-runner.
+
+Each run gets a fresh private data directory under the run folder (inventory, artifacts,
+events); the outcome is read from the runner's own status, return code and events, never from
+parsing a terminal. A run that takes longer than its timeout is stopped by the runner, and
+every process it left behind (the runner stops only ansible-playbook itself) is killed: each run
+marks its processes with a variable in their environment, which their children inherit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import MissingTool
+
+MARK = "PIPELINE_PLAYBOOK_RUN"
+
+
+@dataclass
+class Outcome:
+    """How a playbook run ended."""
+
+    status: str
+    rc: int | None
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "successful" and self.rc == 0
+
+    @property
+    def summary(self) -> str:
+        words = f"{self.status}, rc {self.rc}"
+        if self.failed:
+            words += ": " + "; ".join(self.failed[:5])
+        return words
+
+
+def run(
+    playbook: Path,
+    hosts: dict[str, dict[str, Any]],
+    *,
+    group: str,
+    folder: Path,
+    timeout: float,
+) -> Outcome:
+    """Run `playbook` against `hosts` (name -> host variables) as group `group`."""
+    try:
+        import ansible_runner
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise MissingTool("ansible-runner is not installed (run ./setup.sh)") from exc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    private = folder / f"run-{len(list(folder.glob('run-*'))) + 1:02d}"
+    private.mkdir()
+    inventory = {
+        "all": {"children": {group.replace("-", "_"): {"hosts": hosts}}},
+    }
+    bin_dir = os.path.dirname(sys.executable)
+    marker = uuid.uuid4().hex
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(private),
+            playbook=str(playbook),
+            inventory=inventory,
+            envvars={
+                "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)]),
+                "ANSIBLE_HOST_KEY_CHECKING": "False",
+                "ANSIBLE_PIPELINING": "True",
+                "ANSIBLE_NOCOLOR": "True",
+                MARK: marker,
+            },
+            timeout=int(timeout),
+            quiet=True,
+        )
+    finally:
+        kill_marked(marker)
+    failed = []
+    for event in runner.events:
+        if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+            data = event.get("event_data", {})
+            if data.get("ignore_errors"):
+                continue
+            result = data.get("res", {}) or {}
+            message = str(result.get("msg") or result.get("stderr") or "").strip()
+            failed.append(f"{data.get('host')}: {data.get('task')}: {message[:200]}")
+    status = str(runner.status)
+    if status == "timeout":
+        failed.insert(0, f"stopped after {timeout:.0f} s")
+    return Outcome(status=status, rc=runner.rc, failed=failed)
+
+
+def kill_marked(marker: str) -> list[int]:
+    """SIGKILL every process whose environment carries this run's mark; return their pids."""
+    needle = f"{MARK}={marker}".encode()
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed

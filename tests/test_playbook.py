@@ -1,0 +1,83 @@
+"""Playbooks the pipeline runs itself (the smoke test), through real ansible-runner runs.
+
+The hosts use Ansible's local connection, so no VM is needed to see a play pass, fail with
+the task named, and be stopped at its timeout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from pipeline.tools import playbook
+
+LOCAL = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+
+
+def _write(tmp_path: Path, tasks: str) -> Path:
+    path = tmp_path / "smoke.yml"
+    path.write_text(
+        "---\n- name: Smoke\n  hosts: all\n  gather_facts: false\n  tasks:\n" + tasks,
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_passing_play_is_ok_and_leaves_its_events_in_a_fresh_folder(tmp_path: Path) -> None:
+    book = _write(tmp_path, "    - name: Answer\n      ansible.builtin.ping:\n")
+
+    first = playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path / "runs", timeout=120)
+    second = playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path / "runs", timeout=120)
+
+    assert (first.ok, first.status, first.rc) == (True, "successful", 0)
+    assert second.ok
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["run-01", "run-02"]
+    assert list((tmp_path / "runs" / "run-01").rglob("job_events/*.json"))
+
+
+def test_a_failing_task_fails_the_run_and_is_named_with_its_host(tmp_path: Path) -> None:
+    book = _write(
+        tmp_path,
+        "    - name: The page says hello\n"
+        "      ansible.builtin.assert:\n"
+        '        that: [\'"hello" in "goodbye"\']\n'
+        "        fail_msg: the page does not say hello\n",
+    )
+
+    outcome = playbook.run(
+        book, {"one": LOCAL, "two": LOCAL}, group="dev", folder=tmp_path, timeout=120
+    )
+
+    assert not outcome.ok
+    assert outcome.status == "failed" and outcome.rc != 0
+    assert sorted(f.split(":")[0] for f in outcome.failed) == ["one", "two"]
+    assert "The page says hello: the page does not say hello" in outcome.failed[0]
+    assert "the page does not say hello" in outcome.summary
+
+
+def test_a_play_past_its_timeout_is_stopped(tmp_path: Path) -> None:
+    book = _write(tmp_path, "    - name: Hang\n      ansible.builtin.command: sleep 300\n")
+
+    started = time.monotonic()
+    outcome = playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path, timeout=5)
+
+    assert time.monotonic() - started < 60
+    assert not outcome.ok
+    assert outcome.status == "timeout"
+    assert "stopped after 5 s" in outcome.summary
+    # What the play started went with it.
+    time.sleep(0.5)
+    left = [
+        p for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _cmdline(p) == b"sleep\x00300\x00"
+    ]  # fmt: skip
+    assert left == []
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
