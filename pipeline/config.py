@@ -27,6 +27,7 @@ NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TARGETS = ("local",)
+STRATEGIES = ("rolling", "blue_green")
 BUMPS = ("patch", "minor", "major")
 # What a bump can be declared for: the kinds of input whose change it applies to.
 BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
@@ -68,7 +69,45 @@ class HealthConfig:
     """How a new instance proves it is ready."""
 
     path: str = "/healthz"
+    # Seconds an instance may take to boot and answer at all.
     timeout: int = 600
+    # The answer that counts as healthy, and how many in a row (or wrong in a row) decide.
+    status: int = 200
+    passes: int = 3
+    failures: int = 3
+    interval: float = 1.0
+    # An Ansible playbook run against the new instances once they pass; None: no smoke test.
+    smoke: Path | None = None
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How a fleet moves to a new version: in waves, or a whole new fleet beside the old."""
+
+    strategy: str = "rolling"
+    # A count, or a percentage of the fleet ("25%"); None: the whole fleet in one wave.
+    max_surge: int | str | None = None
+    max_unavailable: int | str = 0
+    # blue_green: seconds the old fleet is kept (out of the front door) after the switch.
+    keep_old: int = 0
+
+    def surge(self, size: int) -> int:
+        """New instances a wave may add beyond the fleet's size (percentages round up)."""
+        if self.max_surge is None:
+            return max(size, 1)
+        return _count(self.max_surge, size, round_up=True)
+
+    def unavailable(self, size: int) -> int:
+        """Old instances a wave may take away before its new ones serve (rounding down)."""
+        return _count(self.max_unavailable, size, round_up=False)
+
+
+def _count(value: int | str, size: int, *, round_up: bool) -> int:
+    if isinstance(value, int):
+        return value
+    percent = int(value.rstrip("%"))
+    whole, part = divmod(percent * size, 100)
+    return whole + (1 if round_up and part else 0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,9 @@ class EnvironmentConfig:
     target: str = "local"
     memory: int = 512
     health: HealthConfig = HealthConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    # The front door's port on 127.0.0.1; None: chosen once, then kept.
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -367,7 +409,16 @@ def _environment(
     reader: _Reader, name: str, raw: Any, images: dict[str, ImageConfig]
 ) -> EnvironmentConfig:
     key = f"environments.{name}"
-    allowed = {"image", "channel", "instances", "target", "memory", "health"}
+    allowed = {
+        "image",
+        "channel",
+        "instances",
+        "target",
+        "memory",
+        "health",
+        "rollout",
+        "front_door",
+    }
     item = reader.mapping(raw, key, allowed, {"image"})
     image = reader.string(item["image"], f"{key}.image")
     if image not in images:
@@ -382,17 +433,13 @@ def _environment(
         )
         raise reader.fail(key, message)
 
-    health = HealthConfig(path=images[image].health_path)
-    if "health" in item:
-        health_raw = reader.mapping(item["health"], f"{key}.health", {"path", "timeout"}, set())
-        health = HealthConfig(
-            path=reader.string(health_raw.get("path", health.path), f"{key}.health.path"),
-            timeout=reader.integer(
-                health_raw.get("timeout", health.timeout), f"{key}.health.timeout", 10, 3600
-            ),
-        )
-    if not health.path.startswith("/"):
-        raise reader.fail(f"{key}.health.path", f"{health.path!r} must start with /")
+    health = _health(reader, item.get("health"), f"{key}.health", images[image].health_path)
+    rollout = _rollout(reader, item.get("rollout"), f"{key}.rollout")
+    port = None
+    if item.get("front_door") is not None:
+        door = reader.mapping(item["front_door"], f"{key}.front_door", {"port"}, set())
+        if "port" in door:
+            port = reader.integer(door["port"], f"{key}.front_door.port", 1024, 65535)
 
     return EnvironmentConfig(
         name=name,
@@ -402,7 +449,75 @@ def _environment(
         target=reader.choice(item.get("target", "local"), f"{key}.target", TARGETS),
         memory=reader.integer(item.get("memory", 512), f"{key}.memory", 256, 65536),
         health=health,
+        rollout=rollout,
+        port=port,
     )
+
+
+def _health(reader: _Reader, raw: Any, key: str, default_path: str) -> HealthConfig:
+    if raw is None:
+        return HealthConfig(path=default_path)
+    allowed = {"path", "timeout", "status", "passes", "failures", "interval", "smoke"}
+    item = reader.mapping(raw, key, allowed, set())
+    path = reader.string(item.get("path", default_path), f"{key}.path")
+    if not path.startswith("/"):
+        raise reader.fail(f"{key}.path", f"{path!r} must start with /")
+    smoke = None
+    if item.get("smoke") is not None:
+        smoke_name = reader.string(item["smoke"], f"{key}.smoke")
+        smoke = (reader.path.parent / smoke_name).resolve()
+        if not smoke.is_file():
+            raise reader.fail(f"{key}.smoke", f"no playbook {smoke_name!r} (looked for {smoke})")
+    interval = item.get("interval", 1)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not (0.05 <= interval <= 60)
+    ):
+        raise reader.fail(f"{key}.interval", f"{interval!r} must be a number of seconds, 0.05-60")
+    return HealthConfig(
+        path=path,
+        timeout=reader.integer(item.get("timeout", 600), f"{key}.timeout", 10, 3600),
+        status=reader.integer(item.get("status", 200), f"{key}.status", 100, 599),
+        passes=reader.integer(item.get("passes", 3), f"{key}.passes", 1, 100),
+        failures=reader.integer(item.get("failures", 3), f"{key}.failures", 1, 100),
+        interval=float(interval),
+        smoke=smoke,
+    )
+
+
+def _rollout(reader: _Reader, raw: Any, key: str) -> RolloutConfig:
+    if raw is None:
+        return RolloutConfig()
+    allowed = {"strategy", "max_surge", "max_unavailable", "keep_old"}
+    item = reader.mapping(raw, key, allowed, set())
+    strategy = reader.choice(item.get("strategy", "rolling"), f"{key}.strategy", STRATEGIES)
+    surge = None
+    if item.get("max_surge") is not None:
+        surge = _count_or_percent(reader, item["max_surge"], f"{key}.max_surge")
+    unavailable = _count_or_percent(
+        reader, item.get("max_unavailable", 0), f"{key}.max_unavailable"
+    )
+    if strategy == "blue_green" and ("max_surge" in item or "max_unavailable" in item):
+        raise reader.fail(key, "max_surge and max_unavailable belong to strategy rolling")
+    if strategy == "rolling" and "keep_old" in item:
+        raise reader.fail(f"{key}.keep_old", "keep_old belongs to strategy blue_green")
+    if surge in (0, "0%") and unavailable in (0, "0%"):
+        raise reader.fail(key, "max_surge and max_unavailable cannot both be 0: no wave could move")
+    return RolloutConfig(
+        strategy=strategy,
+        max_surge=surge,
+        max_unavailable=unavailable,
+        keep_old=reader.integer(item.get("keep_old", 0), f"{key}.keep_old", 0, 7 * 86400),
+    )
+
+
+def _count_or_percent(reader: _Reader, value: Any, key: str) -> int | str:
+    if isinstance(value, str) and re.fullmatch(r"(100|[1-9]?[0-9])%", value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 32:
+        return value
+    raise reader.fail(key, f"{value!r} must be a count (0-32) or a percentage such as 25%")
 
 
 def _join(prefix: str, key: str) -> str:

@@ -223,6 +223,48 @@ BAD = [
         "bases.slim.packages[0]",
         "curl; rm -rf /",
     ),
+    (
+        "unknown-strategy",
+        GOOD + "    rollout: {strategy: canary}\n",
+        "environments.dev.rollout.strategy",
+        "'canary' is not one of: rolling, blue_green",
+    ),
+    (
+        "surge-as-a-fraction",
+        GOOD + "    rollout: {max_surge: 0.5}\n",
+        "environments.dev.rollout.max_surge",
+        "0.5 must be a count (0-32) or a percentage such as 25%",
+    ),
+    (
+        "no-wave-could-move",
+        GOOD + "    rollout: {max_surge: 0, max_unavailable: 0%}\n",
+        "environments.dev.rollout",
+        "cannot both be 0",
+    ),
+    (
+        "keep-old-with-rolling",
+        GOOD + "    rollout: {keep_old: 60}\n",
+        "environments.dev.rollout.keep_old",
+        "keep_old belongs to strategy blue_green",
+    ),
+    (
+        "an-expected-status-out-of-range",
+        GOOD + "    health: {status: 2000}\n",
+        "environments.dev.health.status",
+        "2000",
+    ),
+    (
+        "a-smoke-playbook-that-does-not-exist",
+        GOOD + "    health: {smoke: playbooks/smoke.yml}\n",
+        "environments.dev.health.smoke",
+        "no playbook 'playbooks/smoke.yml'",
+    ),
+    (
+        "a-front-door-on-a-privileged-port",
+        GOOD + "    front_door: {port: 80}\n",
+        "environments.dev.front_door.port",
+        "80",
+    ),
 ]
 BAD_IDS = [case[0] for case in BAD]
 
@@ -243,6 +285,24 @@ def test_a_mistake_names_the_file_the_key_and_the_bad_value(
     where = f"{path}: {key}: " if key else f"{path}: "
     assert str(error).startswith(where)
     assert value in str(error).removeprefix(where)
+
+
+def test_rollout_and_health_settings_are_read(tmp_path: Path) -> None:
+    (tmp_path / "smoke.yml").write_text("---\n")
+    text = GOOD + (
+        "    rollout: {strategy: rolling, max_surge: 25%, max_unavailable: 1}\n"
+        "    health: {path: /ready, status: 204, passes: 5, failures: 2, interval: 0.5,"
+        " smoke: smoke.yml}\n"
+        "    front_door: {port: 18080}\n"
+    )
+    env = config.load(_write(tmp_path, text)).environments["dev"]
+
+    assert (env.rollout.max_surge, env.rollout.max_unavailable) == ("25%", 1)
+    assert (env.rollout.surge(8), env.rollout.unavailable(8)) == (2, 1)
+    assert (env.health.path, env.health.status, env.health.passes) == ("/ready", 204, 5)
+    assert (env.health.failures, env.health.interval) == (2, 0.5)
+    assert env.health.smoke == (tmp_path / "smoke.yml").resolve()
+    assert env.port == 18080
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
