@@ -1,6 +1,9 @@
 #!/usr/bin/python3
 """A stateless HTTP service: /healthz answers ok, / names the image version and the host.
 
+An image baked with `maintenance` on serves its pages but reports itself unhealthy (503 on
+/healthz), so that load balancers and rollouts keep traffic away from it.
+
 Everything it says comes from files baked into the image, so any instance can be thrown away
 and replaced by another of the same version without anyone noticing.
 """
@@ -25,7 +28,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/healthz":
-            self.reply(200, "text/plain", "ok\n")
+            if self.config.get("maintenance"):
+                self.reply(503, "text/plain", "maintenance\n")
+            else:
+                self.reply(200, "text/plain", "ok\n")
         elif self.path == "/version":
             self.reply(200, "application/json", json.dumps(self.image) + "\n")
         elif self.path == "/":
