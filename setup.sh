@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")"
 
-DEBS="packer qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client"
+DEBS="packer qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client haproxy"
 missing=""
 for pkg in $DEBS; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

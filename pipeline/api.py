@@ -7,8 +7,11 @@ project, takes the lock it needs, records a run folder and returns plain data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -210,6 +213,49 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             return result
 
 
+def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """What `run IMAGE --env ENV` would do, changing nothing: whether the image would be
+    baked and why, where the channel would move, and Terraform's plan for the fleet."""
+    from pipeline.semver import sort_key
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, registry):
+        environment = config.environment(env)
+        if environment.image != image:
+            message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
+            raise UsageError(message)
+        bake = bake_stage.preview(config, image, registry=registry)
+        channel = registry.channel(image, environment.channel)
+        now = channel.version if channel else None
+        target = channel
+        if bake["rebuild"]:
+            basis = channel or registry.latest(image)
+            target = (
+                dataclasses.replace(basis, version=bake["version"], build_id="next")
+                if basis
+                else None
+            )
+            move = {"from": now, "to": bake["version"], "when": "after bake and verify"}
+        else:
+            existing = registry.get(image, bake["version"])
+            if channel is None or sort_key(existing.version) > sort_key(channel.version):
+                when = "now" if existing.state == "verified" else "after verify"
+                target = existing
+                move = {"from": now, "to": existing.version, "when": when}
+            else:
+                move = {"from": now, "to": now, "when": "stays"}
+        fleet = deploy_stage.plan(
+            config, environment, registry=registry, target=target, future=bake["rebuild"]
+        )
+        return {
+            "image": image,
+            "bake": bake,
+            "channel": environment.channel,
+            "move": move,
+            "fleet": fleet,
+        }
+
+
 def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
     """Roll environment `env` onto the version its channel points at."""
     from pipeline.stages import deploy as deploy_stage
@@ -219,6 +265,56 @@ def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]
         run_ = Run(config.state_dir, "deploy", env)
         with _recorded(run_), locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id):
             result = deploy_stage.deploy(config, environment, run=run_, registry=registry)
+            run_.finish("ok", 0, **result)
+            return result
+
+
+def scale(env: str, count: int, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """Change environment `env`'s number of instances (kept until pipeline.yml's changes)."""
+    return _fleet_change("scale", env, config_path, count=count)
+
+
+def heal(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """Replace `env`'s instances that died or fail their health check, same version."""
+    return _fleet_change("heal", env, config_path)
+
+
+def finish(
+    env: str, *, when_due: str | None = None, config_path: Path | str | None = None
+) -> dict[str, Any]:
+    """End `env`'s blue/green rollout now: destroy the old fleet it kept.
+
+    `when_due`: wait until that time first, and finish only if the fleet kept until then is
+    still kept (what a deploy starts in the background to end its kept fleet on time).
+    """
+    if when_due is not None:
+        from pipeline.stages import rollout
+
+        with _project(config_path) as (config, _registry):
+            record_of = functools.partial(rollout.Record, config, config.environment(env))
+        while True:
+            kept = record_of().kept
+            if not kept or kept.get("until") != when_due:
+                return {"env": env, "finished": [], "note": "nothing kept until then any more"}
+            if format_time(dt.datetime.now(dt.UTC)) >= when_due:
+                break
+            time.sleep(2)
+    return _fleet_change("finish", env, config_path)
+
+
+def _fleet_change(
+    action: str, env: str, config_path: Path | str | None, **options: Any
+) -> dict[str, Any]:
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, registry):
+        environment = config.environment(env)
+        run_ = Run(config.state_dir, action, env)
+        with _recorded(run_), locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id):
+            change = getattr(deploy_stage, action)
+            result: dict[str, Any] = change(
+                config, environment, **options, run=run_, registry=registry
+            )
             run_.finish("ok", 0, **result)
             return result
 

@@ -146,12 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = command(
+        "plan", "what `run` would do, changing nothing: bake?, channel, Terraform's plan", _cmd_plan
+    )
+    p.add_argument("image")
+    p.add_argument("--env", required=True, help="the environment whose fleet is planned")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
     p = command("deploy", "roll an environment onto its channel's version", _cmd_deploy)
     p.add_argument("env")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = command("destroy", "destroy every instance of an environment", _cmd_destroy)
     p.add_argument("env")
+
+    p = command("scale", "change an environment's number of instances", _cmd_scale)
+    p.add_argument("env")
+    p.add_argument("count", type=int, help="instances wanted (0-32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("heal", "replace instances that died or fail their health check", _cmd_heal)
+    p.add_argument("env")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command(
+        "finish", "end a blue/green rollout now: destroy the old fleet it kept", _cmd_finish
+    )
+    p.add_argument("env")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    # What a blue/green deploy starts in the background to end its kept fleet on time.
+    p.add_argument("--when-due", metavar="TIME", help=argparse.SUPPRESS)
 
     p = command("status", "an environment's instances: version, health, drift", _cmd_status)
     p.add_argument("env")
@@ -207,6 +231,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         _print_instances(result.deploy.get("instances", []))
+        if result.deploy.get("front_door"):
+            print(f"front door: {result.deploy['front_door']}")
     return 0
 
 
@@ -307,12 +333,65 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_deploy(args: argparse.Namespace) -> int:
-    result = api.deploy(args.env, config_path=args.config)
+def _cmd_plan(args: argparse.Namespace) -> int:
+    result = api.plan(args.image, args.env, config_path=args.config)
     if args.json:
+        _print_json(result)
+        return 0
+    bake, move, fleet = result["bake"], result["move"], result["fleet"]
+    if bake["rebuild"]:
+        why = f"{bake['bump']} bump, on {bake['on']}"
+        print(f"image {bake['image']}: would bake {bake['version']} ({why})")
+        for reason in bake["reasons"]:
+            print(f"  because {reason}")
+    else:
+        print(f"image {bake['image']}: unchanged, version {bake['version']} ({bake['state']})")
+    if move["when"] == "stays":
+        print(f"channel {result['channel']}: stays on {move['from']}")
+    else:
+        before = move["from"] or "(none)"
+        print(f"channel {result['channel']}: {before} -> {move['to']} ({move['when']})")
+    for name in fleet["drift"]:
+        print(f"drift: {name} is gone")
+    creates = [c for c in fleet["changes"] if c["action"] in ("create", "replace")]
+    deletes = [c for c in fleet["changes"] if c["action"] in ("delete", "replace")]
+    head = f"fleet {fleet['env']} ({fleet['strategy']}, {fleet['size']} instance(s)"
+    if fleet["waves"]:
+        head += f", {fleet['waves']} wave(s)"
+    print(f"{head}): Terraform would create {len(creates)}, destroy {len(deletes)}")
+    for change in fleet["changes"]:
+        print(f"  {change['action']:<8} {change['name']}")
+    if fleet["future"] and creates:
+        print('  ("next" stands for the build id the new version gets when it is baked)')
+    if fleet["note"]:
+        print(f"  {fleet['note']}")
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    return _print_fleet(api.deploy(args.env, config_path=args.config), args.json)
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    return _print_fleet(api.scale(args.env, args.count, config_path=args.config), args.json)
+
+
+def _cmd_heal(args: argparse.Namespace) -> int:
+    return _print_fleet(api.heal(args.env, config_path=args.config), args.json)
+
+
+def _cmd_finish(args: argparse.Namespace) -> int:
+    result = api.finish(args.env, when_due=args.when_due, config_path=args.config)
+    return _print_fleet(result, args.json)
+
+
+def _print_fleet(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
         _print_json(result)
     else:
         _print_instances(result.get("instances", []))
+        if result.get("front_door"):
+            print(f"front door: {result['front_door']}")
     return 0
 
 
@@ -333,6 +412,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"{result['channel']} -> {channel}"
     )
     _print_instances(result.get("instances", []))
+    if result.get("front_door"):
+        print(f"front door: {result['front_door']}")
+    last = result.get("last_rollout")
+    if last:
+        line = f"last rollout: {last['strategy']} to {last['to']}, {last['result']}"
+        if last.get("reason"):
+            line += f": {last['reason']}"
+        print(line)
+    kept = result.get("kept")
+    if kept:
+        print(f"old fleet kept until {kept['until']}: {', '.join(kept['names'])}")
     for line in result.get("drift", []):
         print(f"drift: {line}")
     for line in result.get("warnings", []):
@@ -457,11 +547,12 @@ def _print_instances(instances: Sequence[dict[str, Any]]) -> None:
     if not instances:
         print("no instances")
         return
-    print(f"{'INSTANCE':<44} {'VERSION':<10} {'HEALTH':<8} URL")
+    print(f"{'INSTANCE':<44} {'VERSION':<10} {'HEALTH':<9} {'TRAFFIC':<8} URL")
     for item in instances:
+        traffic = "in" if item.get("front_door") == "UP" else item.get("front_door", "?").lower()
         print(
             f"{item['name']:<44} {item.get('version', '?'):<10} "
-            f"{item.get('health', '?'):<8} {item.get('url', '')}"
+            f"{item.get('health', '?'):<9} {traffic:<8} {item.get('url', '')}"
         )
 
 

@@ -94,6 +94,12 @@ class DeployFailed(PipelineError):
     exit_code = 6
 
 
+class RolledBack(DeployFailed):
+    """A rollout failed its health gate and was undone: the fleet runs what it ran before."""
+
+    exit_code = 8
+
+
 class LockHeld(PipelineError):
     """Another run holds the lock of this environment or image."""
 
@@ -115,5 +121,6 @@ EXIT_CODES = {
     VerifyFailed.exit_code: "the image failed verification",
     DeployFailed.exit_code: "the rollout failed",
     LockHeld.exit_code: "another run holds the lock",
+    RolledBack.exit_code: "the rollout failed its health gate and was rolled back",
     Interrupted.exit_code: "interrupted; what was started has been cleaned up",
 }

@@ -8,6 +8,7 @@ is a web server started from the kernel command line of the plain base image.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -45,12 +46,11 @@ HEALTH_SERVICE = (
 )
 
 
-def fleet_config(*, size: int = 1, health_timeout: int = 600) -> str:
+def fleet_config(*, health_timeout: int = 600) -> str:
     """The rendered fleet configuration of image `web` in environment `test`."""
     context = {
         "image": "web",
         "environment": "test",
-        "size": size,
         "memory": 768,
         "cpus": 1,
         "health_path": "/",
@@ -68,15 +68,27 @@ class Fleet:
     vm_root: Path
     state_dir: Path
     log_dir: Path
+    size: int = 1
 
-    def vars(self, image: BaseImage, version: str, build_id: str) -> dict[str, Any]:
-        return {
+    def vars(
+        self, image: BaseImage, version: str, build_id: str, *, append: str | None = None
+    ) -> dict[str, Any]:
+        """Variables for a fleet of `size` instances on one version, named as the pipeline does."""
+        append = image.append + HEALTH_SERVICE if append is None else append
+        settings = hashlib.sha1(append.encode()).hexdigest()[:6]
+        instance = {
             "image_version": version,
             "build_id": build_id,
             "image_path": str(image.disk),
             "kernel": str(image.kernel),
             "initrd": str(image.initrd),
-            "append": image.append + HEALTH_SERVICE,
+            "append": append,
+        }
+        return {
+            "instances": {
+                f"web-test-{build_id.lower()}-{settings}-{index}": instance
+                for index in range(self.size)
+            },
             "vm_root": str(self.vm_root),
             "state_dir": str(self.state_dir),
         }
@@ -115,11 +127,11 @@ def make_fleet(
 ) -> Fleet:
     workdir = root / "env"
     workdir.mkdir(parents=True)
-    config = fleet_config(size=size, health_timeout=health_timeout)
+    config = fleet_config(health_timeout=health_timeout)
     (workdir / "main.tf").write_text(config, encoding="utf-8")
     log_dir = root / "logs"
     tf = Terraform(binary, workdir, root / "plugins", log_dir)
-    return Fleet(tf=tf, vm_root=root / "vms", state_dir=state_dir, log_dir=log_dir)
+    return Fleet(tf=tf, vm_root=root / "vms", state_dir=state_dir, log_dir=log_dir, size=size)
 
 
 def qemu_pids(vm_root: Path) -> list[int]:
@@ -274,10 +286,7 @@ def test_plan_creates_every_instance_with_its_version_in_the_name(
     instances = [c for c in plan.changes if c.type == "pipeline_instance"]
     assert [c.action for c in instances] == ["create", "create"]
     assert [short(c.name) for c in instances] == ["web-test-b100-0", "web-test-b100-1"]
-    # The fleet-wide object that makes every new instance come up before any old one goes.
-    assert [(c.type, c.action) for c in plan.changes if c.type != "pipeline_instance"] == [
-        ("terraform_data", "create")
-    ]
+    assert [c.type for c in plan.changes if c.type != "pipeline_instance"] == []
     assert plan.drift == []
     assert plan.path.exists()
     assert [i["version"] for i in plan.outputs["instances"]] == ["1.0.0", "1.0.0"]
@@ -304,7 +313,7 @@ def test_a_build_id_unfit_for_a_name_is_refused(
     with pytest.raises(ToolError) as caught:
         fleet.tf.plan(fleet.vars(fake_image, "1.0.0", "../b1"))
 
-    assert "build id" in "\n".join(caught.value.tail)
+    assert "Instance names are host names" in " ".join("\n".join(caught.value.tail).split())
 
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary installed")
@@ -338,7 +347,7 @@ def vm_fleet(tmp_path: Path, state_dir: Path) -> Iterator[Fleet]:
 
 
 @pytest.mark.vm
-def test_rollout_replaces_new_first_and_drift_is_recreated(
+def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
     vm_fleet: Fleet, base_image: BaseImage
 ) -> None:
     tf = vm_fleet.tf
@@ -354,27 +363,30 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     assert qemu.is_running(old_record)
     assert not tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")).has_changes
 
-    # Version B: the plan replaces it, creating the new one first.
-    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    [change] = [c for c in plan.changes if c.type == "pipeline_instance"]
-    assert change.action == "replace"
-    assert change.create_before_destroy
-    assert short((change.before or {})["name"]) == "web-test-a1-0"
-    assert short(change.name) == "web-test-b2-0"
-
+    # Version B beside A: the plan creates B and leaves A alone (the pipeline's wave).
+    both = vm_fleet.vars(base_image, "1.0.0", "a1")
+    both["instances"].update(vm_fleet.vars(base_image, "2.0.0", "b2")["instances"])
+    plan = tf.plan(both)
+    assert [(c.action, short(c.name)) for c in plan.changes] == [
+        ("no-op", "web-test-a1-0"),
+        ("create", "web-test-b2-0"),
+    ]
     started = time.monotonic()
     outputs = tf.apply(plan)
     replace_seconds = time.monotonic() - started
+    assert sorted(i["version"] for i in outputs["instances"]) == ["1.0.0", "2.0.0"]
+    assert qemu.is_running(old_record)
+
+    # Then B alone: A is deleted, really: from the state, from the disk, from the processes.
+    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
+    assert [(c.action, short(c.name)) for c in plan.changes] == [
+        ("delete", "web-test-a1-0"),
+        ("no-op", "web-test-b2-0"),
+    ]
+    outputs = tf.apply(plan)
     [new] = outputs["instances"]
     assert new["version"] == "2.0.0"
     assert http_status(new["url"]) == 200
-    healthy = vm_fleet.provider_events("healthy")
-    deleted = vm_fleet.provider_events("delete")
-    assert healthy["web-test-b2-0"] < deleted["web-test-a1-0"]
-
-    # The deposed old instance is really gone: from the state, from the disk, from the processes.
-    state_text = (tf.workdir / "terraform.tfstate").read_text()
-    assert "deposed" not in state_text
     assert [(short(i["name"]), i["deposed"]) for i in tf.state_instances()] == [
         ("web-test-b2-0", None)
     ]
@@ -385,7 +397,9 @@ def test_rollout_replaces_new_first_and_drift_is_recreated(
     [victim] = qemu.list_vms(vm_fleet.vm_root)
     os.kill(victim.pid, signal.SIGKILL)
     plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    assert [(d.address, d.action) for d in plan.drift] == [("pipeline_instance.fleet[0]", "delete")]
+    assert [(d.address, d.action) for d in plan.drift] == [
+        (f'pipeline_instance.fleet["{victim.name}"]', "delete")
+    ]
     assert [(c.action, short(c.name)) for c in plan.changes if c.action != "no-op"] == [
         ("create", "web-test-b2-0")
     ]
@@ -442,7 +456,7 @@ def test_an_instance_that_never_gets_healthy_is_stopped_and_explained(
     tmp_path: Path, state_dir: Path, base_image: BaseImage
 ) -> None:
     fleet = make_fleet(tmp_path, state_dir, health_timeout=15)
-    plain = {**fleet.vars(base_image, "1.0.0", "h1"), "append": base_image.append}
+    plain = fleet.vars(base_image, "1.0.0", "h1", append=base_image.append)
 
     try:
         with pytest.raises(ToolError, match="terraform apply") as caught:

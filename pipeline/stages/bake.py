@@ -88,6 +88,15 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
         base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
         base_part = base.fingerprint
+    parts, tools = _parts(config, image, roles, template, base_part)
+    return Inputs(
+        image=image, base=base, base_version=base_version, parts=parts, roles=roles, tools=tools
+    )
+
+
+def _parts(
+    config: Config, image: ImageConfig, roles: dict[str, str], template: Path, base_part: str
+) -> tuple[dict[str, str], dict[str, str]]:
     tools = {
         "packer": binary_version(config.state_dir, "packer", ("version",)),
         "ansible-core": python_package_version("ansible-core"),
@@ -103,9 +112,101 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         "base": base_part,
         "tools": fp.hash_value(tools),
     }
-    return Inputs(
-        image=image, base=base, base_version=base_version, parts=parts, roles=roles, tools=tools
-    )
+    return parts, tools
+
+
+def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str, Any]:
+    """Whether `bake` would make a new version, and why: which inputs changed. Changes nothing.
+
+    A base image that is not built yet is not built here: its new version is announced.
+    """
+    image = config.image(image_name)
+    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+    template = config.templates_dir / image.template
+    if not template.is_file():
+        key = f"images.{image.name}.template"
+        raise ConfigError(str(config.path), key, f"template {template} does not exist")
+    notes: list[str] = []
+    if image.parent is not None:
+        base_version = parent_version(registry, image)
+        base_part = str(base_version.manifest.get("disk_sha256") or base_version.fingerprint)
+        base_label = base_version.label
+    else:
+        spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
+        base_fp = baseimage.planned_fingerprint(config.state_dir, spec)
+        newest_base = registry.newest_parent(image.base.name)
+        if base_fp is not None and newest_base is not None and newest_base.fingerprint == base_fp:
+            base_label = newest_base.label
+        else:
+            base_label = f"a new version of base {image.base.name}"
+            notes.append(f"base {image.base.name} would get a new version (built from packages)")
+        base_part = base_fp or "new"
+    parts, _tools = _parts(config, image, roles, template, base_part)
+    fingerprint = fp.combine(parts)[:16]
+    existing = registry.by_fingerprint(image.name, fingerprint)
+    if existing is not None and (Path(existing.path) / "disk.qcow2").is_file():
+        return {
+            "image": image.name,
+            "rebuild": False,
+            "fingerprint": fingerprint,
+            "version": existing.version,
+            "state": existing.state,
+            "reasons": [f"unchanged: these inputs are version {existing.version}"],
+        }
+    newest = registry.latest(image.name)
+    previous = registry.get(image.name, newest.version) if newest else None
+    bump = choose_bump(image, previous, parts)
+    reasons = notes + _changes(previous, parts, roles, image)
+    if existing is not None:
+        reasons.insert(0, f"version {existing.version} has these inputs, its image file is gone")
+    return {
+        "image": image.name,
+        "rebuild": True,
+        "fingerprint": fingerprint,
+        "version": registry.next_number(image.name, image.version, bump),
+        "bump": bump,
+        "on": base_label,
+        "reasons": reasons,
+    }
+
+
+def _changes(
+    previous: ImageVersion | None, parts: dict[str, str], roles: dict[str, str], image: ImageConfig
+) -> list[str]:
+    """In words: which inputs differ from the newest version's."""
+    if previous is None:
+        return ["no version yet"]
+    before = previous.manifest.get("inputs", {})
+    reasons = []
+    if before.get("roles") != parts["roles"] or before.get("role_order") != parts["role_order"]:
+        old_roles = previous.manifest.get("roles", {})
+        changed = sorted(
+            name for name in set(roles) | set(old_roles) if roles.get(name) != old_roles.get(name)
+        )
+        what = ", ".join(changed) if changed else "their order"
+        reasons.append(f"roles changed: {what}")
+    if before.get("vars") != parts["vars"] or before.get("service_port") != parts["service_port"]:
+        old_vars = {
+            k: v
+            for k, v in previous.manifest.get("vars", {}).items()
+            if not k.startswith("base_") and k != "webservice_port"
+        }
+        keys = sorted(
+            k for k in set(image.vars) | set(old_vars) if image.vars.get(k) != old_vars.get(k)
+        )
+        reasons.append("variables changed" + (f": {', '.join(keys)}" if keys else ""))
+    if before.get("template") != parts["template"]:
+        reasons.append(f"template changed: {image.template}")
+    if before.get("base") != parts["base"]:
+        reasons.append(f"base changed (built on {previous.parent or 'another base'} before)")
+    if before.get("tools") != parts["tools"]:
+        tools = previous.manifest.get("tools", {})
+        reasons.append(f"tools changed (were {', '.join(f'{k} {v}' for k, v in tools.items())})")
+    if before.get("declared_version") != parts["declared_version"]:
+        reasons.append(f"declared version changed to {image.version}")
+    if before.get("recipe") != parts["recipe"]:
+        reasons.append("the pipeline's bake recipe changed")
+    return reasons or ["inputs differ from every recorded version"]
 
 
 def parent_version(registry: Registry, image: ImageConfig) -> ImageVersion:

@@ -1,36 +1,43 @@
 """Deploy: roll an environment's fleet onto the version its channel points at, via Terraform.
 
-Terraform owns the fleet: each instance is a `pipeline_instance` resource whose every attribute
-forces a replacement and whose name carries the build id, with create_before_destroy. So a new
-version is a plan that replaces every instance, new ones first (each created only once it
-answers its health check), then the old ones go; a VM that died shows up as drift and is
-recreated. Nothing is ever changed inside a running VM.
+Terraform owns the fleet's instances; the environment's front door (HAProxy on 127.0.0.1) owns
+the address users hit. A rollout (see rollout.py) creates new instances, lets them take traffic
+only once they pass the health gate, and destroys old ones only after they have left the front
+door and finished their requests; a failed gate rolls the rollout back. `scale` changes the
+number of instances, `heal` replaces the ones that died or stopped answering, `finish` ends a
+blue/green rollout's kept old fleet. Nothing is ever changed inside a running VM.
 """
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import render
 from pipeline.config import Config, EnvironmentConfig
-from pipeline.errors import DeployFailed, PipelineError, UsageError
-from pipeline.files import write_text_atomic
+from pipeline.errors import DeployFailed, Interrupted, UsageError
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run
-from pipeline.targets.local import qemu
-from pipeline.tools.terraform import Plan, Terraform
+from pipeline.semver import sort_key
+from pipeline.stages import rollout
+from pipeline.stages.fleet import (
+    Fleet,
+    GateFailed,
+    answer,
+    environment_vms,
+    front_door,
+    host_vars,
+    reap_orphans,
+    vm_running,
+    workdir,
+)
+from pipeline.tools.terraform import Terraform
 
-TEMPLATE = "terraform/{target}/main.tf.j2"
-HEALTH_PROBE_SECONDS = 3.0
-
-
-def workdir(config: Config, environment: EnvironmentConfig) -> Path:
-    """Where the environment's Terraform configuration and state live."""
-    return config.state_dir / "envs" / environment.name / "terraform"
+__all__ = ["reap_orphans", "workdir"]
 
 
 def terraform_for(config: Config, environment: EnvironmentConfig, log_dir: Path) -> Terraform:
@@ -71,107 +78,296 @@ def deploy(
 ) -> dict[str, Any]:
     """Bring the fleet to the channel's version and size; return its instances."""
     version = channel_version(registry, environment)
+    _check_image_files(version)
     log = context(f"{environment.name} {version.version}", "deploy")
-    image = config.image(environment.image)
-
-    # Render first: a broken template stops here, before Terraform or its state is touched.
-    main_tf = render.render(
-        config.templates_dir,
-        TEMPLATE.format(target=environment.target),
-        {
-            "image": image.name,
-            "environment": environment.name,
-            "size": environment.instances,
-            "memory": environment.memory,
-            "cpus": 1,
-            "health_path": environment.health.path,
-            "health_timeout": environment.health.timeout,
-            "http_guest_port": image.service_port,
-        },
+    fleet = Fleet(config, environment, run=run, log=log)
+    fleet.render()
+    record = rollout.Record(config, environment)
+    _finish_kept(fleet, record, log)
+    size = record.size()
+    strategy = environment.rollout.strategy
+    entry = record.start(
+        run.build_id, strategy, version.version, [m.version for m in fleet.members.values()]
     )
-    tf = terraform_for(config, environment, run.dir / "logs")
-    tf.workdir.mkdir(parents=True, exist_ok=True)
-    variables = _variables(config, version)
-    _check_image_files(version, variables)
-
-    # A configuration Terraform rejects must not stay in place: status and destroy read the
-    # state through it. The previous one comes back unless the new one plans.
-    main_path = tf.workdir / "main.tf"
-    previous = main_path.read_text(encoding="utf-8") if main_path.is_file() else None
-    _write_if_changed(main_path, main_tf)
+    moves = rollout.Moves()
     try:
-        for name in reap_orphans(config, environment, tf):
-            log.warning("stopped %s: a VM of this environment that Terraform does not know", name)
-        plan = tf.plan(variables)
-    except BaseException:
-        if previous is not None:
-            _write_if_changed(main_path, previous)
+        if strategy == "blue_green":
+            kept = rollout.blue_green(fleet, version, size, moves)
+            if kept:
+                record.keep(kept, environment.rollout.keep_old)
+                record.save()
+                _finish_later(config, environment, record)
+                log.info(
+                    "old fleet kept out of the front door for %d s (`pipeline finish %s` ends it)",
+                    environment.rollout.keep_old,
+                    environment.name,
+                )
+        else:
+            rollout.rolling(fleet, version, size, moves)
+    except GateFailed as exc:
+        undone = rollout.roll_back(fleet, moves, str(exc))
+        record.finish(entry, "rolled back", str(exc))
+        run.event("deploy.rolled_back", reason=str(exc))
+        raise undone from exc
+    except (KeyboardInterrupt, Interrupted) as exc:
+        _serve_what_runs(fleet)
+        record.finish(entry, "interrupted", str(exc) or "interrupted")
         raise
-    _report_plan(plan, log)
-    changes = [c for c in plan.changes if c.type == "pipeline_instance"]
-    run.event("deploy.plan", changes=[(c.name, c.action) for c in changes])
-    if plan.has_changes:
-        try:
-            tf.apply(plan)
-        except BaseException:
-            # An interrupted or failed apply may leave VMs Terraform never recorded.
-            for name in reap_orphans(config, environment, tf):
-                log.warning("stopped %s after the failed apply (not in Terraform state)", name)
-            raise
-    else:
-        log.info(
-            "fleet already on %s: %d instance(s), nothing to change",
-            version.label,
-            environment.instances,
-        )
-
-    instances = fleet(config, environment, tf)
+    except BaseException as exc:
+        record.finish(entry, "failed", str(exc) or type(exc).__name__)
+        raise
+    if not moves.created and not fleet.destroyed:
+        log.info("fleet already on %s: %d instance(s), nothing to change", version.label, size)
+    record.finish(entry, "done")
+    instances = listing(config, environment, fleet.tf)
     unhealthy = [item["name"] for item in instances if item["health"] != "healthy"]
-    if unhealthy:
+    if unhealthy and not record.kept:
         raise DeployFailed(f"instances not healthy after deploy: {', '.join(unhealthy)}")
     run.event("deploy.done", version=version.version, instances=[i["name"] for i in instances])
     return {
         "env": environment.name,
         "version": version.version,
-        "changed": plan.has_changes,
-        "created": [c.name for c in changes if c.action in ("create", "replace")],
-        "destroyed": [_before_name(c) for c in changes if c.action in ("delete", "replace")],
+        "strategy": strategy,
+        "changed": bool(moves.created or fleet.destroyed),
+        "waves": moves.waves,
+        "created": fleet.created,
+        "destroyed": fleet.destroyed,
+        "front_door": fleet.door.url,
+        "kept": (record.kept or {}).get("names", []),
         "instances": instances,
     }
+
+
+def scale(
+    config: Config, environment: EnvironmentConfig, count: int, *, run: Run, registry: Registry
+) -> dict[str, Any]:
+    """Change the number of instances; new ones run the version the fleet runs."""
+    if not 0 <= count <= 32:
+        raise UsageError(f"instance count {count}: it must be between 0 and 32")
+    log = context(environment.name, "scale")
+    fleet = Fleet(config, environment, run=run, log=log)
+    fleet.render()
+    record = rollout.Record(config, environment)
+    _finish_kept(fleet, record, log)
+    dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
+    for member in dead:
+        log.warning(
+            "drift: %s (%s): its VM is not running; removing it", member.name, member.version
+        )
+    if dead:
+        fleet.retire(m.name for m in dead)
+    version = _running_version(fleet, registry, environment)
+    before = len(fleet.members)
+    if count > before and version is None:
+        raise UsageError(
+            f"environment {environment.name} runs no version yet: deploy it first"
+            f" (`pipeline deploy {environment.name}`)"
+        )
+    record.scale(count)
+    record.save()
+    names = sorted(fleet.members, key=rollout._index_order)
+    healthy = [n for n in names if fleet.healthy(n)]
+    fleet.serve(healthy)
+    if count > before:
+        assert version is not None
+        new = fleet.new_members(version, count - before)
+        log.info("adding %d instance(s) on %s", len(new), version.version)
+        fleet.converge({**fleet.members, **{m.name: m for m in new}})
+        try:
+            fleet.gate([m.name for m in new])
+        except GateFailed:
+            fleet.converge(
+                {n: m for n, m in fleet.members.items() if n not in {m.name for m in new}}
+            )
+            raise
+        fleet.serve(healthy + [m.name for m in new])
+    elif count < before:
+        # Broken ones go first, then the newest indices.
+        going = [n for n in names if n not in healthy][: before - count]
+        going += [n for n in reversed(healthy)][: before - count - len(going)]
+        log.info("removing %s", ", ".join(going))
+        fleet.retire(going)
+    else:
+        log.info("already %d instance(s)", count)
+    return _summary(config, environment, fleet, registry)
+
+
+def heal(
+    config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
+) -> dict[str, Any]:
+    """Replace instances that died or stopped answering with new ones on the same version."""
+    log = context(environment.name, "heal")
+    fleet = Fleet(config, environment, run=run, log=log)
+    fleet.render()
+    record = rollout.Record(config, environment)
+    _finish_kept(fleet, record, log)
+    dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
+    failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
+    healthy = [n for n in fleet.members if fleet.healthy(n)]
+    fleet.serve(healthy)
+    for member in dead + failing:
+        version = registry.find(environment.image, member.version)
+        if version is None or version.build_id != member.build_id:
+            raise DeployFailed(
+                f"cannot heal {member.name}: its version {member.version} is no longer in the"
+                f" registry; deploy a version instead (`pipeline deploy {environment.name}`)"
+            )
+    replaced = []
+    if dead:
+        # Terraform sees them gone (drift) and creates them again, same name, same version.
+        fleet.converge(dict(fleet.members))
+        fleet.gate([m.name for m in dead])
+        healthy += [m.name for m in dead]
+        fleet.serve(healthy)
+        replaced += [{"old": m.name, "new": m.name, "version": m.version} for m in dead]
+    for member in failing:
+        # A running VM that fails its check is replaced by a new one before it goes.
+        log.warning("drift: %s (%s) fails its health check", member.name, member.version)
+        version = registry.find(environment.image, member.version)
+        assert version is not None
+        [new] = fleet.new_members(version, 1)
+        fleet.converge({**fleet.members, new.name: new})
+        fleet.gate([new.name])
+        healthy.append(new.name)
+        fleet.serve(healthy)
+        replaced.append({"old": member.name, "new": new.name, "version": member.version})
+    if failing:
+        fleet.retire(m.name for m in failing)
+    if not dead and not failing:
+        log.info("all %d instance(s) healthy, nothing to heal", len(fleet.members))
+    return {**_summary(config, environment, fleet, registry), "replaced": replaced}
+
+
+def finish(
+    config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
+) -> dict[str, Any]:
+    """End a blue/green rollout now: destroy the old fleet it kept."""
+    log = context(environment.name, "finish")
+    fleet = Fleet(config, environment, run=run, log=log)
+    fleet.render()
+    record = rollout.Record(config, environment)
+    kept = list((record.kept or {}).get("names", []))
+    if not kept:
+        log.info("no old fleet kept, nothing to finish")
+    _finish_kept(fleet, record, log, force=True)
+    return {**_summary(config, environment, fleet, registry), "finished": kept}
+
+
+def plan(
+    config: Config,
+    environment: EnvironmentConfig,
+    *,
+    registry: Registry,
+    target: ImageVersion | None,
+    future: bool,
+) -> dict[str, Any]:
+    """Which instances Terraform would create and destroy to put the fleet on `target`.
+
+    Terraform plans in a copy of the environment's folder (configuration and state), so the
+    real one is not touched. `future`: the target is not baked yet, so its instances are named
+    with the build id `next` and planned with the files of the version before it.
+    """
+    log = context(environment.name, "plan")
+    record = rollout.Record(config, environment)
+    size = record.size()
+    with tempfile.TemporaryDirectory(prefix="pipeline-plan-") as tmp:
+        fleet = Fleet(config, environment, run=None, log=log, terraform_dir=Path(tmp))
+        real = workdir(config, environment)
+        for name in ("terraform.tfstate", "moved.tf"):
+            if (real / name).is_file():
+                shutil.copy2(real / name, Path(tmp) / name)
+        (Path(tmp) / "main.tf").write_text(fleet.configuration(), encoding="utf-8")
+        fleet.refresh()
+        if target is None:
+            members: dict[str, Any] = {}
+            note = "no version to plan with"
+        else:
+            keep, _dead, _old = rollout.sort_members(fleet, target, size)
+            new = fleet.new_members(target, size - len(keep))
+            members = {n: fleet.members[n] for n in keep} | {m.name: m for m in new}
+            note = ""
+        terraform_plan = fleet.tf.plan(fleet.variables(members))
+    changes = [
+        {"action": c.action, "name": c.name if c.action != "delete" else _before(c)}
+        for c in terraform_plan.changes
+        if c.type == "pipeline_instance" and c.action != "no-op"
+    ]
+    drift = [
+        _before(c)
+        for c in terraform_plan.drift
+        if c.type == "pipeline_instance" and (c.action == "delete" or not c.after)
+    ]
+    creates = sum(1 for c in changes if c["action"] in ("create", "replace"))
+    rollout_config = environment.rollout
+    waves = 0
+    if creates:
+        per_wave = rollout_config.surge(size) + rollout_config.unavailable(size)
+        waves = 1 if rollout_config.strategy == "blue_green" else -(-creates // max(per_wave, 1))
+    return {
+        "env": environment.name,
+        "size": size,
+        "strategy": rollout_config.strategy,
+        "waves": waves,
+        "target": target.version if target is not None and not future else None,
+        "future": future,
+        "note": note,
+        "changes": changes,
+        "drift": drift,
+    }
+
+
+def _before(change: Any) -> str | None:
+    before = change.before or {}
+    return str(before.get("name")) if before.get("name") else change.name
 
 
 def destroy(
     config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
 ) -> list[str]:
-    """Destroy every instance of the environment through Terraform; return their names."""
+    """Destroy every instance of the environment through Terraform, and its front door."""
     log = context(environment.name, "destroy")
     tf = terraform_for(config, environment, run.dir / "logs")
     names = [str(item.get("name")) for item in tf.state_instances()]
+    door = front_door(config, environment)
+    if door.running():
+        door.stop()
+        log.info("stopped the front door %s", door.url)
     if names:
-        version = registry.channel(environment.image, environment.channel)
-        variables = _variables(config, version) if version else _placeholder_variables(config)
-        tf.destroy(variables)
+        tf.destroy(
+            {
+                "instances": {},
+                "vm_root": str(config.state_dir / "vms"),
+                "state_dir": str(config.state_dir),
+            }
+        )
         log.info("destroyed %s", ", ".join(names))
     for name in reap_orphans(config, environment, tf):
         log.warning("stopped %s: a VM of this environment that Terraform did not know", name)
         names.append(name)
     if not names:
         log.info("no instances to destroy")
+    record = rollout.Record(config, environment)
+    if record.kept:
+        record.forget_kept()
+        record.save()
     run.event("destroy.done", instances=names)
     return names
 
 
-def fleet(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list[dict[str, Any]]:
-    """Every instance Terraform knows, with whether its VM runs and answers its health check."""
+def listing(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list[dict[str, Any]]:
+    """Every instance Terraform knows, with whether its VM runs and gives the expected answer."""
     vm_root = config.state_dir / "vms"
+    door = front_door(config, environment)
+    served = door.servers() if door.running() else {}
     found = []
     for item in sorted(tf.state_instances(), key=lambda i: str(i.get("name"))):
         name = str(item.get("name"))
-        running = _running(vm_root, name)
+        running = vm_running(vm_root, name)
         url = str(item.get("url") or "")
         health = "down"
         if running:
-            health = "healthy" if _healthy(url + environment.health.path) else "unhealthy"
+            got = answer(url, environment.health.path)
+            health = "healthy" if got == environment.health.status else "unhealthy"
         found.append(
             {
                 "name": name,
@@ -181,32 +377,25 @@ def fleet(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list
                 "http_port": item.get("http_port"),
                 "running": running,
                 "health": health,
+                "front_door": served.get(name, "out"),
                 "deposed": item.get("deposed"),
             }
         )
     return found
 
 
+# The name status and the API used before the front door: the same listing.
+fleet = listing
+
+
 def inventory(config: Config, environment: EnvironmentConfig) -> dict[str, Any]:
     """The running instances as an Ansible inventory (the `--list` JSON of a dynamic inventory)."""
-    key = config.state_dir / "keys" / "id_ed25519"
     tf = terraform_for(config, environment, config.state_dir / "logs" / "inventory")
-    hostvars = {}
-    for item in fleet(config, environment, tf):
-        if not item["running"]:
-            continue
-        hostvars[item["name"]] = {
-            "ansible_host": "127.0.0.1",
-            "ansible_port": item["ssh_port"],
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(key),
-            # Every instance gets fresh host keys at first boot, and its port is reused later.
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no"
-            " -o UserKnownHostsFile=/dev/null",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "image_version": item["version"],
-            "instance_url": item["url"],
-        }
+    hostvars = {
+        str(item.get("name")): host_vars(config, item)
+        for item in tf.state_instances()
+        if vm_running(config.state_dir / "vms", str(item.get("name")))
+    }
     group = environment.name.replace("-", "_")
     return {
         "_meta": {"hostvars": hostvars},
@@ -219,13 +408,19 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
     """What runs in the environment, and how it differs from what should."""
     channel = registry.channel(environment.image, environment.channel)
     tf = terraform_for(config, environment, config.state_dir / "logs" / "status")
-    instances = fleet(config, environment, tf)
+    instances = listing(config, environment, tf)
+    record = rollout.Record(config, environment)
+    kept = set((record.kept or {}).get("names", []))
     drift = []
     warnings = []
     for item in instances:
         if not item["running"]:
             drift.append(f"{item['name']} is in Terraform's state but its VM is not running")
-        elif channel is not None and item["version"] != channel.version:
+        elif item["health"] != "healthy":
+            drift.append(f"{item['name']} runs but fails its health check")
+        elif (
+            channel is not None and item["version"] != channel.version and item["name"] not in kept
+        ):
             drift.append(f"{item['name']} runs {item['version']}, channel is on {channel.version}")
         item["revoked"] = None
         item["outdated"] = None
@@ -245,118 +440,112 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
                 f"{item['name']} runs {running.label}, outdated: built on {running.parent},"
                 f" {newer_parent.label} is newer"
             )
-    if len(instances) != environment.instances:
-        drift.append(f"{len(instances)} instance(s), pipeline.yml asks for {environment.instances}")
+    size = record.size()
+    serving = [i for i in instances if i["name"] not in kept]
+    if len(serving) != size:
+        wanted = f"pipeline.yml asks for {size}"
+        if size != environment.instances:
+            wanted = f"scaled to {size} (pipeline.yml says {environment.instances})"
+        drift.append(f"{len(serving)} instance(s), {wanted}")
     known = {item["name"] for item in instances}
-    for record in _environment_vms(config, environment):
-        if record.name not in known:
-            drift.append(f"{record.name} runs but Terraform does not know it")
+    for vm in environment_vms(config, environment):
+        if vm.name not in known:
+            drift.append(f"{vm.name} runs but Terraform does not know it")
+    door = front_door(config, environment)
+    if instances and not door.running():
+        drift.append(f"the front door {door.url} is not running")
     return {
         "env": environment.name,
         "image": environment.image,
         "channel": environment.channel,
         "channel_version": channel.version if channel else None,
+        "size": size,
+        "front_door": door.url if door.running() else None,
         "instances": instances,
+        "kept": record.kept,
+        "last_rollout": record.last,
         "drift": drift,
         "warnings": warnings,
     }
 
 
-def reap_orphans(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list[str]:
-    """Stop VMs labelled with this environment that Terraform's state does not hold."""
-    records = _environment_vms(config, environment)
-    if not records:
-        return []
-    known = {str(item.get("name")) for item in tf.state_instances()}
-    reaped = []
-    for record in records:
-        if record.name not in known:
-            qemu.stop(record)
-            reaped.append(record.name)
-    return reaped
+def _finish_kept(fleet: Fleet, record: rollout.Record, log: Any, *, force: bool = False) -> None:
+    """Destroy the old fleet a blue/green rollout kept, once its time is up (or now)."""
+    kept = record.kept
+    if not kept:
+        return
+    if not force and not record.kept_due():
+        log.info("the old fleet kept until %s goes now, before this change", kept["until"])
+    names = [n for n in kept.get("names", []) if n in fleet.members]
+    if names:
+        fleet.retire(names)
+        log.info("destroyed the kept old fleet: %s", ", ".join(names))
+    record.forget_kept()
+    record.save()
 
 
-def _running(vm_root: Path, name: str) -> bool:
-    if not (vm_root / name / "record.json").is_file():
-        return False
+def _finish_later(config: Config, environment: EnvironmentConfig, record: rollout.Record) -> None:
+    """Start a process of its own that finishes the kept old fleet when its time is up.
+
+    It outlives this command (its own session, its output in the environment's folder); if it
+    finds the kept fleet gone or replaced by then (`pipeline finish`, another rollout), it
+    does nothing. If the machine stops before, the next command on the environment finishes.
+    """
+    kept = record.kept
+    assert kept is not None
+    log_path = record.path.with_name("finish-later.log")
+    with open(log_path, "ab") as output:
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "pipeline", "-c", str(config.path),
+                "finish", environment.name, "--when-due", str(kept["until"]),
+            ],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+            start_new_session=True, cwd=config.root,
+        )  # fmt: skip
+
+
+def _serve_what_runs(fleet: Fleet) -> None:
+    """After an interruption: the front door sends traffic only to members that still run."""
     try:
-        return qemu.is_running(qemu.load(vm_root, name))
-    except (PipelineError, OSError, ValueError):
-        # An unreadable record is a VM nobody can manage: report it as not running.
-        return False
+        fleet.refresh()
+        fleet.serve([n for n in fleet.members if fleet.running(n)])
+    except Exception as exc:  # the interruption is what the user must hear about
+        fleet.log.warning("front door not updated after the interruption: %s", exc)
 
 
-def _environment_vms(config: Config, environment: EnvironmentConfig) -> list[qemu.VmRecord]:
-    return [
-        record
-        for record in qemu.list_vms(config.state_dir / "vms")
-        if record.labels.get("environment") == environment.name
-        and record.labels.get("image") == environment.image
-    ]
+def _running_version(
+    fleet: Fleet, registry: Registry, environment: EnvironmentConfig
+) -> ImageVersion | None:
+    """The version the fleet runs (the newest of its members'), else the channel's."""
+    versions = [registry.find(environment.image, m.version) for m in fleet.members.values()]
+    found = [v for v in versions if v is not None]
+    if found:
+        return max(found, key=lambda v: sort_key(v.version))
+    return registry.channel(environment.image, environment.channel)
 
 
-def _variables(config: Config, version: ImageVersion) -> dict[str, Any]:
-    folder = Path(version.path)
-    boot = version.manifest.get("boot", {})
+def _summary(
+    config: Config, environment: EnvironmentConfig, fleet: Fleet, registry: Registry
+) -> dict[str, Any]:
     return {
-        "image_version": version.version,
-        "build_id": version.build_id,
-        "image_path": str(folder / "disk.qcow2"),
-        "kernel": str(folder / boot.get("kernel", "vmlinuz")),
-        "initrd": str(folder / boot.get("initrd", "initrd.img")),
-        "append": boot.get("append", ""),
-        "vm_root": str(config.state_dir / "vms"),
-        "state_dir": str(config.state_dir),
+        "env": environment.name,
+        "created": fleet.created,
+        "destroyed": fleet.destroyed,
+        "front_door": fleet.door.url,
+        "instances": listing(config, environment, fleet.tf),
     }
 
 
-def _placeholder_variables(config: Config) -> dict[str, Any]:
-    # Destroying needs the variables declared, not meaningful values.
-    names = ("image_version", "build_id", "image_path", "kernel", "initrd", "append")
-    return {name: "none" for name in names} | {
-        "vm_root": str(config.state_dir / "vms"),
-        "state_dir": str(config.state_dir),
-    }
-
-
-def _report_plan(plan: Plan, log: Any) -> None:
-    for change in plan.drift:
-        if change.type == "pipeline_instance" and (change.action == "delete" or not change.after):
-            log.warning("drift: %s is gone; it will be created again", _before_name(change))
-    for change in plan.changes:
-        if change.type != "pipeline_instance":
-            continue
-        if change.action == "replace":
-            order = "new first" if change.create_before_destroy else "old first"
-            log.info("replace %s -> %s (%s)", _before_name(change), change.name, order)
-        elif change.action in ("create", "delete"):
-            log.info(
-                "%s %s",
-                change.action,
-                change.name if change.action == "create" else _before_name(change),
-            )
-
-
-def _before_name(change: Any) -> str | None:
-    before = change.before or {}
-    return str(before.get("name")) if before.get("name") else change.name
-
-
-def _healthy(url: str) -> bool:
-    # Instances only ever listen on loopback; refuse to probe anything else.
-    if not url.startswith("http://127.0.0.1:"):
-        return False
-    try:
-        with urllib.request.urlopen(url, timeout=HEALTH_PROBE_SECONDS) as response:
-            return 200 <= int(response.status) < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _check_image_files(version: ImageVersion, variables: dict[str, Any]) -> None:
+def _check_image_files(version: ImageVersion) -> None:
     """The files Terraform will be given must exist: say so before it does, in our words."""
     folder = Path(version.path)
-    paths = [Path(variables[key]) for key in ("image_path", "kernel", "initrd")]
+    boot = version.manifest.get("boot", {})
+    paths = [
+        folder / "disk.qcow2",
+        folder / boot.get("kernel", "vmlinuz"),
+        folder / boot.get("initrd", "initrd.img"),
+    ]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         message = (
@@ -364,9 +553,3 @@ def _check_image_files(version: ImageVersion, variables: dict[str, Any]) -> None
             f" (bake a new version with `pipeline run {version.image} --env ENV`)"
         )
         raise DeployFailed(message)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    write_text_atomic(path, text)

@@ -167,6 +167,17 @@ def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def planned_fingerprint(state_dir: Path, spec: BaseSpec) -> str | None:
+    """The fingerprint a base image for `spec` would have, without building or writing
+    anything; None when it cannot be known yet (no SSH key made so far)."""
+    public = state_dir / "keys" / "id_ed25519.pub"
+    if not public.is_file():
+        return None
+    return fingerprint(
+        spec, public_key=public.read_text(), tool_version=mmdebstrap_version(state_dir)
+    )
+
+
 def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
     """Return the cached base image for `spec`, building it first if it is not there."""
     key = ssh_key(state_dir)

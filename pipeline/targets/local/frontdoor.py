@@ -189,7 +189,11 @@ class FrontDoor:
         """
         wanted = _check_backends(backends, self.port)
         with self._locked():
-            candidate = self._write_candidate(self._render(wanted))
+            text = self._render(wanted)
+            if self.running() and _read(self._config) == text:
+                # Already serving exactly these: a reload would only churn workers.
+                return
+            candidate = self._write_candidate(text)
             if self.running():
                 self._reload(candidate, wanted)
             else:
@@ -639,3 +643,10 @@ def _describe(backends: Mapping[str, int]) -> str:
     if not backends:
         return "no servers"
     return ", ".join(f"{name}={ADDRESS}:{port}" for name, port in sorted(backends.items()))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None

@@ -5,8 +5,10 @@ adapter writes) and talks to it over the plugin protocol, served by the `tf` pac
 belongs to the plugin handshake, so everything this module says goes to a log file:
 `$PIPELINE_PROVIDER_LOG`, or `pipeline-provider.log` in Terraform's working directory.
 
-- create boots the VM and returns only once it answers its health check; if it never does, the
-  VM is stopped and the error carries the tail of its serial console. Nothing is left running.
+- create boots the VM and returns only once its service answers HTTP on the health path (with
+  any status: whether the answer is the right one is the pipeline's health gate, which can then
+  fail fast) and its SSH server greets; if it never does, the VM is stopped and the error
+  carries the tail of its serial console. Nothing is left running.
 - read reports an instance whose VM record is gone or whose QEMU is dead as gone, so that
   Terraform shows it as drift and the next apply creates it again.
 - delete stops the VM and removes its overlay and record.
@@ -290,7 +292,9 @@ def _wait_healthy(record: qemu.VmRecord, path: str, timeout: float) -> str | Non
         if left <= 0:
             return f"no healthy answer on {path} within {timeout:.0f} s (last: {last})"
         try:
-            qemu.wait_http(record, path=path, timeout=min(HEALTH_POLL_SECONDS, left))
+            qemu.wait_http(
+                record, path=path, timeout=min(HEALTH_POLL_SECONDS, left), any_status=True
+            )
             # Healthy also means manageable: Ansible reaches instances over SSH.
             if qemu.ssh_banner(record):
                 return None

@@ -186,8 +186,15 @@ def ssh_banner(record: VmRecord, timeout: float = 5.0) -> bool:
         return False
 
 
-def wait_http(record: VmRecord, path: str = "/healthz", timeout: float = DEFAULT_TIMEOUT) -> float:
-    """Wait until the forwarded service port answers `path` with a 2xx; return seconds taken."""
+def wait_http(
+    record: VmRecord,
+    path: str = "/healthz",
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    any_status: bool = False,
+) -> float:
+    """Wait until the forwarded service port answers `path` with a 2xx (or, with `any_status`,
+    with any HTTP answer at all); return seconds taken."""
     url = f"http://127.0.0.1:{record.http_port}{path}"
     started = time.monotonic()
     while True:
@@ -197,6 +204,8 @@ def wait_http(record: VmRecord, path: str = "/healthz", timeout: float = DEFAULT
                     return time.monotonic() - started
                 last = f"HTTP {response.status}"
         except urllib.error.HTTPError as exc:
+            if any_status:
+                return time.monotonic() - started
             last = f"HTTP {exc.code}"
         except (OSError, urllib.error.URLError) as exc:
             last = str(exc)

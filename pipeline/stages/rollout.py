@@ -1,0 +1,258 @@
+"""Moving a fleet onto a version without dropping a request: rolling waves and blue/green.
+
+Both strategies are made of the fleet's steps (converge, gate, serve, retire): new members are
+created and must pass the health gate before the front door sends them traffic; old members
+leave the front door, finish their requests and only then are destroyed. If a new member fails
+the gate (or the smoke test), the rollout rolls back: the wave's new members go, any old member
+an earlier wave retired comes back, and the front door ends on the members it started with
+(RolledBack). The fleet is never below its size with its old members already gone, except by
+the `max_unavailable` the environment allows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, EnvironmentConfig
+from pipeline.errors import DeployFailed, RolledBack, ToolError
+from pipeline.files import write_text_atomic
+from pipeline.registry import ImageVersion
+from pipeline.registry.store import format_time, utcnow
+from pipeline.stages.fleet import Fleet, GateFailed, Member
+
+HISTORY = 20
+
+
+@dataclass
+class Moves:
+    """What a rollout did so far: the members it made and the ones it retired."""
+
+    created: list[Member] = field(default_factory=list)
+    retired: list[Member] = field(default_factory=list)
+    waves: int = 0
+
+
+def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> None:
+    """Replace the fleet in waves of at most `max_surge` extra and `max_unavailable` fewer."""
+    rollout = fleet.environment.rollout
+    surge, unavailable = rollout.surge(size), rollout.unavailable(size)
+    keep, broken, old = sort_members(fleet, version, size)
+    _retire_broken(fleet, broken, moves)
+    need = size - len(keep)
+    fleet.serve(keep + old)
+    while need > 0:
+        moves.waves += 1
+        early = old[: min(unavailable, len(old))]
+        if early:
+            fleet.log.info("wave %d: %d old instance(s) leave first", moves.waves, len(early))
+            _retire(fleet, early, moves)
+            old = old[len(early) :]
+        count = min(need, surge + len(early)) if old else need
+        new = fleet.new_members(version, count)
+        fleet.log.info(
+            "wave %d: %d new instance(s) on %s, %d to go", moves.waves, count, version.version, need
+        )
+        _add(fleet, new, moves)
+        keep += [m.name for m in new]
+        fleet.serve(keep + old)
+        late = old[: max(0, count - len(early))]
+        _retire(fleet, late, moves)
+        old = old[len(late) :]
+        need -= count
+    # Extra members (a smaller fleet, or more than its size on the version) leave last.
+    _retire(fleet, old, moves)
+    fleet.serve(keep)
+
+
+def blue_green(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> list[str]:
+    """A whole new fleet beside the old one, then the front door switches in one reload.
+
+    Returns the old members that stay (out of the front door) for `keep_old` seconds.
+    """
+    keep, broken, old = sort_members(fleet, version, size)
+    _retire_broken(fleet, broken, moves)
+    if not old and len(keep) == size:
+        fleet.serve(keep)
+        return []
+    moves.waves = 1
+    if old:
+        # A blue/green fleet is a whole new one, whatever of the old runs the same version.
+        old, keep = old + keep, []
+    fleet.serve(old)
+    new = fleet.new_members(version, size - len(keep))
+    fleet.log.info("green fleet: %d new instance(s) on %s", len(new), version.version)
+    _add(fleet, new, moves)
+    fleet.serve(keep + [m.name for m in new])
+    fleet.log.info("front door switched to the green fleet (%d instance(s))", size)
+    if fleet.environment.rollout.keep_old and old:
+        fleet.door.drain()
+        return old
+    _retire(fleet, old, moves)
+    return []
+
+
+def roll_back(fleet: Fleet, moves: Moves, reason: str) -> RolledBack:
+    """Undo a rollout whose new members failed: the fleet ends as it was, serving as before.
+
+    The failing wave's members (never served) go first; old members that earlier waves
+    retired come back and pass the gate; then the front door returns to the old members and
+    the new ones that served are drained and destroyed.
+    """
+    fleet.log.error("rolling back: %s", reason)
+    created = {m.name for m in moves.created}
+    try:
+        serving = set(fleet.door.servers()) if fleet.door.running() else set()
+        unserved = created - serving
+        if unserved & set(fleet.members):
+            fleet.converge({n: m for n, m in fleet.members.items() if n not in unserved})
+        back = [m for m in moves.retired if m.name not in fleet.members]
+        if back:
+            fleet.log.info("bringing back %d retired instance(s)", len(back))
+            fleet.converge({**fleet.members, **{m.name: m for m in back}})
+            fleet.gate([m.name for m in back])
+        fleet.serve([n for n in fleet.members if n not in created])
+        fleet.retire(created & set(fleet.members))
+    except Exception as exc:
+        raise DeployFailed(f"{reason}; and the rollback failed too: {exc}") from exc
+    return RolledBack(f"rolled back: {reason}")
+
+
+def sort_members(
+    fleet: Fleet, version: ImageVersion, size: int
+) -> tuple[list[str], list[Member], list[str]]:
+    """The members to keep (healthy, on the version), dead ones, and the others to replace.
+
+    A member whose VM is gone serves nothing and goes at once; one that runs but fails its
+    health check is replaced first, new ones before it goes, like any old member.
+    """
+    keep: list[str] = []
+    dead: list[Member] = []
+    failing: list[str] = []
+    old: list[str] = []
+    wanted = fleet.member(version, 0).prefix
+    for name in sorted(fleet.members, key=_index_order):
+        member = fleet.members[name]
+        if not fleet.running(name):
+            dead.append(member)
+        elif not fleet.healthy(name):
+            failing.append(name)
+        elif member.prefix == wanted and len(keep) < size:
+            keep.append(name)
+        else:
+            old.append(name)
+    for name in failing:
+        member = fleet.members[name]
+        fleet.log.warning("drift: %s (%s) fails its health check", name, member.version)
+    return keep, dead, failing + old
+
+
+def _retire_broken(fleet: Fleet, dead: list[Member], moves: Moves) -> None:
+    for member in dead:
+        fleet.log.warning("drift: %s (%s): its VM is not running", member.name, member.version)
+    if dead:
+        fleet.retire(m.name for m in dead)
+
+
+def _add(fleet: Fleet, new: list[Member], moves: Moves) -> None:
+    """Create new members and put them through the gate; any failure is a GateFailed."""
+    moves.created += new
+    try:
+        fleet.converge({**fleet.members, **{m.name: m for m in new}})
+    except (ToolError, DeployFailed) as exc:
+        raise GateFailed(f"new instances did not come up: {exc}") from exc
+    fleet.gate([m.name for m in new])
+
+
+def _retire(fleet: Fleet, names: list[str], moves: Moves) -> None:
+    moves.retired += [fleet.members[n] for n in names if n in fleet.members]
+    fleet.retire(names)
+
+
+def _index_order(name: str) -> tuple[str, int]:
+    head, _, tail = name.rpartition("-")
+    return (head, int(tail)) if tail.isdigit() else (name, 0)
+
+
+# -- the environment's record -------------------------------------------------------------------
+
+
+class Record:
+    """What the pipeline remembers of an environment: its scaled size, a kept old fleet,
+    and its recent rollouts with their outcome."""
+
+    def __init__(self, config: Config, environment: EnvironmentConfig) -> None:
+        self.environment = environment
+        self.path = config.state_dir / "envs" / environment.name / "record.json"
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.data = {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    # The size `pipeline scale` set holds while pipeline.yml's count stays what it was then.
+    def size(self) -> int:
+        scaled = self.data.get("scale")
+        if scaled and scaled.get("config") == self.environment.instances:
+            return int(scaled["instances"])
+        return self.environment.instances
+
+    def scale(self, count: int) -> None:
+        self.data["scale"] = {"instances": count, "config": self.environment.instances}
+
+    @property
+    def kept(self) -> dict[str, Any] | None:
+        return self.data.get("kept")
+
+    def keep(self, names: list[str], seconds: int) -> None:
+        until = datetime.now(UTC) + timedelta(seconds=seconds)
+        self.data["kept"] = {"names": names, "until": format_time(until)}
+
+    def kept_due(self, now: datetime | None = None) -> bool:
+        kept = self.kept
+        if not kept:
+            return False
+        return format_time(now or datetime.now(UTC)) >= str(kept["until"])
+
+    def forget_kept(self) -> None:
+        self.data.pop("kept", None)
+
+    def start(self, run_id: str, strategy: str, version: str, running: list[str]) -> dict[str, Any]:
+        entry = {
+            "run": run_id,
+            "started": utcnow(),
+            "strategy": strategy,
+            "to": version,
+            "from": sorted(set(running)),
+            "result": "running",
+        }
+        self.data["rollouts"] = ([entry, *list(self.data.get("rollouts", []))])[:HISTORY]
+        self.save()
+        return entry
+
+    def finish(self, entry: dict[str, Any], result: str, reason: str | None = None) -> None:
+        entry["result"] = result
+        entry["finished"] = utcnow()
+        if reason:
+            entry["reason"] = reason
+        self.save()
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        rollouts = self.data.get("rollouts") or []
+        return rollouts[0] if rollouts else None
+
+
+def record_path(config: Config, environment: EnvironmentConfig) -> Path:
+    return config.state_dir / "envs" / environment.name / "record.json"
+
+
+__all__ = ["GateFailed", "Moves", "Record", "blue_green", "roll_back", "rolling"]

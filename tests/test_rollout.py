@@ -1,0 +1,253 @@
+"""The rollout strategies' order of steps, on a fleet that records what it is told to do.
+
+The real steps (Terraform, HAProxy, VMs) are tested in test_frontdoor, test_terraform_local and
+the end-to-end tests; here every combination of size, surge and unavailability is checked for
+the promises a rollout makes: the front door never has fewer than size - max_unavailable
+members of the fleet, Terraform never holds more than size + max_surge, a new member serves only
+after its gate, an old one is destroyed only after it left the front door, and a failed gate
+ends with the old fleet serving as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import EnvironmentConfig, HealthConfig, RolloutConfig
+from pipeline.errors import RolledBack
+from pipeline.stages import rollout
+from pipeline.stages.fleet import GateFailed, Member
+
+
+@dataclass
+class Version:
+    version: str
+    build_id: str
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _say(self, message: str, *args: Any) -> None:
+        self.lines.append(message % args if args else message)
+
+    info = warning = error = _say
+
+
+@dataclass
+class Door:
+    fleet: RecordingFleet
+    served: set[str] = field(default_factory=set)
+
+    def running(self) -> bool:
+        return True
+
+    def servers(self) -> dict[str, str]:
+        return {name: "UP" for name in self.served}
+
+    def drain(self) -> None:
+        self.fleet.steps.append(("drain", ()))
+
+
+class RecordingFleet:
+    """The Fleet's interface, with members that are names and checks on every step."""
+
+    def __init__(self, rollout_config: RolloutConfig, size: int, fail_gate_on: str | None = None):
+        self.environment = EnvironmentConfig(
+            name="dev", image="web", channel="dev", instances=size, rollout=rollout_config,
+            health=HealthConfig(),
+        )  # fmt: skip
+        self.log = Log()
+        self.door = Door(self)
+        self.members: dict[str, Member] = {}
+        self.gated: set[str] = set()
+        self.steps: list[tuple[str, tuple[str, ...]]] = []
+        self.fail_gate_on = fail_gate_on
+        self.max_members = 0
+        self.min_served: int | None = None
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+
+    def start(self, version: Version, size: int) -> None:
+        for member in self.new_members(version, size):
+            self.members[member.name] = member
+            self.gated.add(member.name)
+        self.door.served = set(self.members)
+
+    def member(self, version: Any, index: int) -> Member:
+        name = f"web-dev-{version.build_id}-abcdef-{index}"
+        return Member(name, version.version, version.build_id, "disk", "k", "i", "")
+
+    def new_members(self, version: Any, count: int) -> list[Member]:
+        found, index = [], 0
+        while len(found) < count:
+            candidate = self.member(version, index)
+            if candidate.name not in self.members:
+                found.append(candidate)
+            index += 1
+        return found
+
+    def healthy(self, name: str) -> bool:
+        return name in self.members
+
+    def running(self, name: str) -> bool:
+        return name in self.members
+
+    def converge(self, members: dict[str, Member]) -> None:
+        going = set(self.members) - set(members)
+        assert not going & self.door.served, f"destroyed while serving: {going & self.door.served}"
+        self.steps.append(("converge", tuple(sorted(members))))
+        self.created += [n for n in members if n not in self.members]
+        self.destroyed += sorted(going)
+        self.members = dict(members)
+        self.max_members = max(self.max_members, len(self.members))
+
+    def gate(self, names: list[str]) -> None:
+        self.steps.append(("gate", tuple(names)))
+        for name in names:
+            if self.fail_gate_on and self.fail_gate_on in name:
+                raise GateFailed(f"health check failed: {name}: HTTP 503")
+            self.gated.add(name)
+
+    def serve(self, names: Any) -> None:
+        names = set(names)
+        assert names <= set(self.members), f"serving what is not there: {names - set(self.members)}"
+        ungated = names - self.gated
+        assert not ungated, f"serving before the gate: {ungated}"
+        self.steps.append(("serve", tuple(sorted(names))))
+        self.door.served = names
+        count = len(names)
+        self.min_served = count if self.min_served is None else min(self.min_served, count)
+
+    def retire(self, names: Any) -> None:
+        going = set(names) & set(self.members)
+        if not going:
+            return
+        if going & self.door.served:
+            self.serve(self.door.served - going)
+            self.door.drain()
+        self.converge({n: m for n, m in self.members.items() if n not in going})
+
+
+OLD = Version("1.0.0", "b1")
+NEW = Version("1.0.1", "b2")
+
+
+def versions_served(fleet: RecordingFleet) -> set[str]:
+    return {fleet.members[n].version for n in fleet.door.served}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 8),
+    surge=st.integers(0, 8),
+    unavailable=st.integers(0, 8),
+)
+def test_rolling_keeps_its_promises_for_any_size_and_limits(
+    size: int, surge: int, unavailable: int
+) -> None:
+    if surge == 0 and unavailable == 0:
+        return
+    config = RolloutConfig(max_surge=surge, max_unavailable=unavailable)
+    fleet = RecordingFleet(config, size)
+    fleet.start(OLD, size)
+
+    rollout.rolling(fleet, NEW, size, rollout.Moves())  # type: ignore[arg-type]
+
+    assert len(fleet.members) == size
+    assert {m.version for m in fleet.members.values()} == {"1.0.1"}
+    assert fleet.door.served == set(fleet.members)
+    assert fleet.max_members <= size + surge
+    assert fleet.min_served is not None
+    assert fleet.min_served >= size - min(unavailable, size)
+
+
+def test_waves_of_surge_2_on_4_instances_add_two_serve_them_then_retire_two() -> None:
+    fleet = RecordingFleet(RolloutConfig(max_surge=2), 4)
+    fleet.start(OLD, 4)
+    moves = rollout.Moves()
+
+    rollout.rolling(fleet, NEW, 4, moves)  # type: ignore[arg-type]
+
+    assert moves.waves == 2
+    kinds = [kind for kind, _ in fleet.steps]
+    # serve (start) | converge+gate (2 new) serve, serve(old out) drain converge | again | serve
+    assert kinds == [
+        "serve",
+        "converge", "gate", "serve", "serve", "drain", "converge",
+        "converge", "gate", "serve", "serve", "drain", "converge",
+        "serve",
+    ]  # fmt: skip
+    assert fleet.max_members == 6
+    assert fleet.min_served == 4
+
+
+def test_percentages_round_surge_up_and_unavailable_down() -> None:
+    config = RolloutConfig(max_surge="25%", max_unavailable="25%")
+    assert (config.surge(4), config.unavailable(4)) == (1, 1)
+    assert (config.surge(3), config.unavailable(3)) == (1, 0)
+    assert RolloutConfig().surge(5) == 5
+
+
+def test_a_failed_gate_in_the_second_wave_brings_the_first_waves_old_members_back() -> None:
+    fleet = RecordingFleet(RolloutConfig(max_surge=1), 2, fail_gate_on="b2-abcdef-1")
+    fleet.start(OLD, 2)
+    before = set(fleet.members)
+    moves = rollout.Moves()
+
+    with pytest.raises(GateFailed) as failed:
+        rollout.rolling(fleet, NEW, 2, moves)  # type: ignore[arg-type]
+    undone = rollout.roll_back(fleet, moves, str(failed.value))  # type: ignore[arg-type]
+
+    assert isinstance(undone, RolledBack)
+    assert "rolled back: health check failed" in str(undone)
+    assert set(fleet.members) == before
+    assert fleet.door.served == before
+    assert versions_served(fleet) == {"1.0.0"}
+    assert fleet.min_served is not None and fleet.min_served >= 1
+
+
+def test_blue_green_switches_in_one_step_and_keeps_the_old_fleet_when_asked() -> None:
+    fleet = RecordingFleet(RolloutConfig(strategy="blue_green", keep_old=600), 3)
+    fleet.start(OLD, 3)
+    old = set(fleet.members)
+
+    kept = rollout.blue_green(fleet, NEW, 3, rollout.Moves())  # type: ignore[arg-type]
+
+    assert set(kept) == old
+    assert versions_served(fleet) == {"1.0.1"}
+    serves = [names for kind, names in fleet.steps if kind == "serve"]
+    # The old fleet serves until one switch puts the whole new one in its place.
+    assert set(serves[-2]) == old
+    assert {fleet.members[n].version for n in serves[-1]} == {"1.0.1"}
+    assert len(serves[-1]) == 3
+    assert fleet.max_members == 6
+
+
+def test_blue_green_without_keep_destroys_the_old_fleet_after_the_switch() -> None:
+    config = dataclasses.replace(RolloutConfig(strategy="blue_green"), keep_old=0)
+    fleet = RecordingFleet(config, 2)
+    fleet.start(OLD, 2)
+
+    kept = rollout.blue_green(fleet, NEW, 2, rollout.Moves())  # type: ignore[arg-type]
+
+    assert kept == []
+    assert {m.version for m in fleet.members.values()} == {"1.0.1"}
+    assert fleet.min_served == 2
+
+
+def test_nothing_happens_to_a_fleet_already_on_the_version() -> None:
+    fleet = RecordingFleet(RolloutConfig(), 2)
+    fleet.start(NEW, 2)
+    moves = rollout.Moves()
+
+    rollout.rolling(fleet, NEW, 2, moves)  # type: ignore[arg-type]
+
+    assert moves.waves == 0
+    assert [kind for kind, _ in fleet.steps] == ["serve", "serve"]
