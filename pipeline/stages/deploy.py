@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, EnvironmentConfig
-from pipeline.errors import DeployFailed, Interrupted, UsageError
+from pipeline.errors import DeployFailed, Interrupted, RolledBack, UsageError
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run
@@ -79,11 +79,7 @@ def deploy(
     """Bring the fleet to the channel's version and size; return its instances."""
     version = channel_version(registry, environment)
     _check_image_files(version)
-    log = context(f"{environment.name} {version.version}", "deploy")
-    fleet = Fleet(config, environment, run=run, log=log)
-    fleet.render()
-    record = rollout.Record(config, environment)
-    _finish_kept(fleet, record, log)
+    fleet, record, log = _open(config, environment, run, "deploy", version.version)
     size = record.size()
     strategy = environment.rollout.strategy
     entry = record.start(
@@ -144,11 +140,7 @@ def scale(
     """Change the number of instances; new ones run the version the fleet runs."""
     if not 0 <= count <= 32:
         raise UsageError(f"instance count {count}: it must be between 0 and 32")
-    log = context(environment.name, "scale")
-    fleet = Fleet(config, environment, run=run, log=log)
-    fleet.render()
-    record = rollout.Record(config, environment)
-    _finish_kept(fleet, record, log)
+    fleet, record, log = _open(config, environment, run, "scale")
     dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
     for member in dead:
         log.warning(
@@ -175,11 +167,10 @@ def scale(
         fleet.converge({**fleet.members, **{m.name: m for m in new}})
         try:
             fleet.gate([m.name for m in new])
-        except GateFailed:
-            fleet.converge(
-                {n: m for n, m in fleet.members.items() if n not in {m.name for m in new}}
-            )
-            raise
+        except GateFailed as exc:
+            added = {m.name for m in new}
+            fleet.converge({n: m for n, m in fleet.members.items() if n not in added})
+            raise RolledBack(f"rolled back: {exc}") from exc
         fleet.serve(healthy + [m.name for m in new])
     elif count < before:
         # Broken ones go first, then the newest indices.
@@ -196,11 +187,7 @@ def heal(
     config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
 ) -> dict[str, Any]:
     """Replace instances that died or stopped answering with new ones on the same version."""
-    log = context(environment.name, "heal")
-    fleet = Fleet(config, environment, run=run, log=log)
-    fleet.render()
-    record = rollout.Record(config, environment)
-    _finish_kept(fleet, record, log)
+    fleet, _record, log = _open(config, environment, run, "heal")
     dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
     failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
     healthy = [n for n in fleet.members if fleet.healthy(n)]
@@ -242,14 +229,10 @@ def finish(
     config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
 ) -> dict[str, Any]:
     """End a blue/green rollout now: destroy the old fleet it kept."""
-    log = context(environment.name, "finish")
-    fleet = Fleet(config, environment, run=run, log=log)
-    fleet.render()
-    record = rollout.Record(config, environment)
-    kept = list((record.kept or {}).get("names", []))
+    kept = list((rollout.Record(config, environment).kept or {}).get("names", []))
+    fleet, _record, log = _open(config, environment, run, "finish")
     if not kept:
         log.info("no old fleet kept, nothing to finish")
-    _finish_kept(fleet, record, log, force=True)
     return {**_summary(config, environment, fleet, registry), "finished": kept}
 
 
@@ -467,6 +450,19 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
         "drift": drift,
         "warnings": warnings,
     }
+
+
+def _open(
+    config: Config, environment: EnvironmentConfig, run: Run, action: str, label: str = ""
+) -> tuple[Fleet, rollout.Record, Any]:
+    """The start of every change of a fleet: its configuration written and checked, its
+    record read, and an old fleet a blue/green rollout kept destroyed first."""
+    log = context(f"{environment.name} {label}".strip(), action)
+    fleet = Fleet(config, environment, run=run, log=log)
+    fleet.render()
+    record = rollout.Record(config, environment)
+    _finish_kept(fleet, record, log)
+    return fleet, record, log
 
 
 def _finish_kept(fleet: Fleet, record: rollout.Record, log: Any, *, force: bool = False) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline import render
 from pipeline.config import Config, EnvironmentConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import DeployFailed, PipelineError
 from pipeline.files import write_text_atomic
 from pipeline.registry import ImageVersion
 from pipeline.runs import Run
@@ -83,7 +83,7 @@ class Member:
         )
 
 
-class GateFailed(PipelineError):
+class GateFailed(DeployFailed):
     """New members did not pass the health gate or the smoke test."""
 
 
