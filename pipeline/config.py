@@ -28,6 +28,8 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TARGETS = ("local",)
 STRATEGIES = ("rolling", "blue_green")
+# A health check path as the front door's checks can carry it.
+HEALTH_PATH = re.compile(r"/[A-Za-z0-9._~/?&=%+:@!,;*-]*")
 BUMPS = ("patch", "minor", "major")
 # What a bump can be declared for: the kinds of input whose change it applies to.
 BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
@@ -460,8 +462,9 @@ def _health(reader: _Reader, raw: Any, key: str, default_path: str) -> HealthCon
     allowed = {"path", "timeout", "status", "passes", "failures", "interval", "smoke"}
     item = reader.mapping(raw, key, allowed, set())
     path = reader.string(item.get("path", default_path), f"{key}.path")
-    if not path.startswith("/"):
-        raise reader.fail(f"{key}.path", f"{path!r} must start with /")
+    if not HEALTH_PATH.fullmatch(path):
+        message = f"{path!r} must start with / and hold no spaces, quotes or '#'"
+        raise reader.fail(f"{key}.path", message)
     smoke = None
     if item.get("smoke") is not None:
         smoke_name = reader.string(item["smoke"], f"{key}.smoke")

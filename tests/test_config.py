@@ -260,6 +260,12 @@ BAD = [
         "no playbook 'playbooks/smoke.yml'",
     ),
     (
+        "a-health-path-with-a-space",
+        GOOD + "    health: {path: /health check}\n",
+        "environments.dev.health.path",
+        "'/health check' must start with / and hold no spaces, quotes or '#'",
+    ),
+    (
         "a-front-door-on-a-privileged-port",
         GOOD + "    front_door: {port: 80}\n",
         "environments.dev.front_door.port",

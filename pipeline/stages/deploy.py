@@ -29,7 +29,7 @@ from pipeline.stages.fleet import (
     GateFailed,
     answer,
     environment_vms,
-    front_door,
+    existing_front_door,
     host_vars,
     reap_orphans,
     vm_running,
@@ -311,8 +311,8 @@ def destroy(
     log = context(environment.name, "destroy")
     tf = terraform_for(config, environment, run.dir / "logs")
     names = [str(item.get("name")) for item in tf.state_instances()]
-    door = front_door(config, environment)
-    if door.running():
+    door = existing_front_door(config, environment)
+    if door is not None and door.running():
         door.stop()
         log.info("stopped the front door %s", door.url)
     if names:
@@ -340,8 +340,8 @@ def destroy(
 def listing(config: Config, environment: EnvironmentConfig, tf: Terraform) -> list[dict[str, Any]]:
     """Every instance Terraform knows, with whether its VM runs and gives the expected answer."""
     vm_root = config.state_dir / "vms"
-    door = front_door(config, environment)
-    served = door.servers() if door.running() else {}
+    door = existing_front_door(config, environment)
+    served = door.servers() if door is not None and door.running() else {}
     found = []
     for item in sorted(tf.state_instances(), key=lambda i: str(i.get("name"))):
         name = str(item.get("name"))
@@ -434,16 +434,18 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
     for vm in environment_vms(config, environment):
         if vm.name not in known:
             drift.append(f"{vm.name} runs but Terraform does not know it")
-    door = front_door(config, environment)
-    if instances and not door.running():
-        drift.append(f"the front door {door.url} is not running")
+    door = existing_front_door(config, environment)
+    door_running = door is not None and door.running()
+    if instances and not door_running:
+        where = door.url if door is not None else "(never started)"
+        drift.append(f"the front door {where} is not running")
     return {
         "env": environment.name,
         "image": environment.image,
         "channel": environment.channel,
         "channel_version": channel.version if channel else None,
         "size": size,
-        "front_door": door.url if door.running() else None,
+        "front_door": door.url if door is not None and door_running else None,
         "instances": instances,
         "kept": record.kept,
         "last_rollout": record.last,

@@ -14,6 +14,7 @@ so that every step of a rollout is a plan and an apply of its own:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -112,11 +113,15 @@ class Fleet:
             plugin_dir=config.state_dir / "plugins",
             log_dir=run.dir / "logs" if run is not None else folder / "logs",
         )
-        self.door = front_door(config, environment)
         self.members: dict[str, Member] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.created: list[str] = []
         self.destroyed: list[str] = []
+
+    @functools.cached_property
+    def door(self) -> FrontDoor:
+        """The environment's front door (made, with its port, when first needed)."""
+        return front_door(self.config, self.environment)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -344,10 +349,21 @@ def workdir(config: Config, environment: EnvironmentConfig) -> Path:
     return config.state_dir / "envs" / environment.name / "terraform"
 
 
+def front_door_folder(config: Config, environment: EnvironmentConfig) -> Path:
+    return config.state_dir / "envs" / environment.name / "frontdoor"
+
+
+def existing_front_door(config: Config, environment: EnvironmentConfig) -> FrontDoor | None:
+    """The environment's front door if one was ever made; reading never makes one."""
+    if not front_door_folder(config, environment).is_dir():
+        return None
+    return front_door(config, environment)
+
+
 def front_door(config: Config, environment: EnvironmentConfig) -> FrontDoor:
     health = environment.health
     return FrontDoor(
-        config.state_dir / "envs" / environment.name / "frontdoor",
+        front_door_folder(config, environment),
         name=environment.name,
         port=environment.port,
         health=HealthCheck(
