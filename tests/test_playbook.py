@@ -57,6 +57,21 @@ def test_a_failing_task_fails_the_run_and_is_named_with_its_host(tmp_path: Path)
     assert "the page does not say hello" in outcome.summary
 
 
+def test_a_failed_when_condition_is_named_as_such(tmp_path: Path) -> None:
+    book = _write(
+        tmp_path,
+        "    - name: The answer is right\n"
+        "      ansible.builtin.command: echo wrong\n"
+        "      register: answer\n"
+        "      changed_when: false\n"
+        "      failed_when: answer.stdout != 'right'\n",
+    )
+
+    outcome = playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path, timeout=120)
+
+    assert outcome.failed == ["one: The answer is right: its failed_when condition held"]
+
+
 def test_a_play_past_its_timeout_is_stopped(tmp_path: Path) -> None:
     book = _write(tmp_path, "    - name: Hang\n      ansible.builtin.command: sleep 300\n")
 

@@ -155,8 +155,6 @@ def scale(
             f"environment {environment.name} runs no version yet: deploy it first"
             f" (`pipeline deploy {environment.name}`)"
         )
-    record.scale(count)
-    record.save()
     names = sorted(fleet.members, key=rollout._index_order)
     healthy = [n for n in names if fleet.healthy(n)]
     fleet.serve(healthy)
@@ -180,6 +178,9 @@ def scale(
         fleet.retire(going)
     else:
         log.info("already %d instance(s)", count)
+    # Recorded once it holds: a scale-out that was rolled back leaves the size as it was.
+    record.scale(count)
+    record.save()
     return _summary(config, environment, fleet, registry)
 
 

@@ -89,7 +89,10 @@ def run(
             if data.get("ignore_errors"):
                 continue
             result = data.get("res", {}) or {}
-            message = str(result.get("msg") or result.get("stderr") or "").strip()
+            if result.get("failed_when_result") is True:
+                message = "its failed_when condition held"
+            else:
+                message = str(result.get("msg") or result.get("stderr") or "").strip()
             failed.append(f"{data.get('host')}: {data.get('task')}: {message[:200]}")
     status = str(runner.status)
     if status == "timeout":
