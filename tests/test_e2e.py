@@ -16,9 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,13 @@ def project(
     tmp_path_factory: pytest.TempPathFactory, state_dir: Path, base_image: BaseImage
 ) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("project")
-    for name in ("roles", "templates", "molecule", "inventories"):
+    for name in ("roles", "templates", "molecule", "inventories", "playbooks"):
         shutil.copytree(REPO / name, root / name)
     config = yaml.safe_load((REPO / "pipeline.yml").read_text())
     # The page's text comes from the role's own default, so that editing the role changes it.
     config["images"]["web"].pop("vars", None)
+    # Two waves of one for the fleet of two.
+    config["environments"]["dev"]["rollout"] = {"strategy": "rolling", "max_surge": 1}
     (root / "pipeline.yml").write_text(yaml.safe_dump(config))
     _share_base(root / ".pipeline", state_dir)
     project = Project(root)
@@ -101,6 +104,47 @@ def project(
     project.pipeline("destroy", "dev", check=False)
     for record in qemu.list_vms(project.state / "vms"):
         qemu.stop(record)
+
+
+class Probe:
+    """Requests the front door every 50 ms in a thread; counts answers, failures, versions."""
+
+    def __init__(self, url: str) -> None:
+        assert url.startswith("http://127.0.0.1:"), url
+        self.url = url
+        self.ok = 0
+        self.failed: list[str] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        print(f"\nprobe of {self.url}: {self.ok} answered, {len(self.failed)} failed")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=10) as response:
+                    body = response.read().decode()
+                self.ok += 1
+                found = re.search(r"^image: web (\S+)$", body, re.M)
+                if found:
+                    self.versions.add(found.group(1))
+            except Exception as exc:  # every kind of failure counts
+                self.failed.append(f"{time.strftime('%H:%M:%S')} {exc}")
+
+
+def _set_config(project: Project, change: Callable[[dict], None]) -> None:
+    path = project.root / "pipeline.yml"
+    config = yaml.safe_load(path.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config))
 
 
 def _page(url: str) -> str:
@@ -123,22 +167,26 @@ def _apply_log(run_dir: str) -> list[str]:
 
 
 def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
-    # First run: bake, verify, promote, deploy two healthy instances.
+    # First run: bake, verify, promote, deploy two healthy instances behind the front door.
     first, _ = project.run_json("run", "web", "--env", "dev")
     assert (first["baked"], first["verified"], first["promoted"]) == (True, True, True)
     instances = first["deploy"]["instances"]
     assert len(instances) == 2
     for instance in instances:
         assert instance["health"] == "healthy"
+        assert instance["front_door"] == "UP"
         page = _page(instance["url"])
         assert "Hello from an immutable image" in page
         assert f"image: web {first['version']}" in page
         assert f"host: {instance['name']}" in page
     first_names = {i["name"] for i in instances}
+    door = first["deploy"]["front_door"]
+    assert f"image: web {first['version']}" in _page(door)
 
     status = json.loads(project.pipeline("status", "dev", "--json").stdout)
     assert {i["url"] for i in status["instances"]} == {i["url"] for i in instances}
     assert status["drift"] == []
+    assert status["front_door"] == door
 
     # Ansible reaches the live fleet through the environment's inventory.
     ping = subprocess.run(
@@ -161,10 +209,34 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert sorted(re.findall(r"^(\S+) \| SUCCESS", ping.stdout, re.M)) == sorted(first_names)
 
-    # A role changes: a new version is baked, verified and rolled out, new instances first.
+    # A role changes. The dry run says what `run` would do, and changes nothing.
     _set_message(project, "Hello from the second version")
-    second, _ = project.run_json("run", "web", "--env", "dev")
-    assert second["baked"] and second["version"] != first["version"]
+    listed_before = project.pipeline("images", "list", "web").stdout
+    planned = json.loads(project.pipeline("plan", "web", "--env", "dev", "--json").stdout)
+    assert planned["bake"]["rebuild"] is True
+    assert "roles changed: webservice" in planned["bake"]["reasons"]
+    assert planned["move"] == {
+        "from": first["version"],
+        "to": planned["bake"]["version"],
+        "when": "after bake and verify",
+    }
+    changes = planned["fleet"]["changes"]
+    assert sorted(c["action"] for c in changes) == ["create", "create", "delete", "delete"]
+    assert {c["name"] for c in changes if c["action"] == "delete"} == first_names
+    assert planned["fleet"]["waves"] == 2
+    assert project.pipeline("images", "list", "web").stdout == listed_before
+    text = project.pipeline("plan", "web", "--env", "dev").stdout
+    assert f"would bake {planned['bake']['version']}" in text
+    assert "because roles changed: webservice" in text
+
+    # The run rolls the new version out in two waves; the front door never fails a request.
+    with Probe(door) as probe:
+        second, _ = project.run_json("run", "web", "--env", "dev")
+    assert probe.failed == [], probe.failed[:10]
+    assert probe.ok > 100
+    assert second["baked"] and second["version"] == planned["bake"]["version"]
+    assert probe.versions == {first["version"], second["version"]}
+    assert second["deploy"]["waves"] == 2
     new_instances = second["deploy"]["instances"]
     new_names = {i["name"] for i in new_instances}
     assert len(new_names) == 2 and not new_names & first_names
@@ -173,11 +245,7 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
         assert "Hello from the second version" in _page(instance["url"])
     for old in instances:
         assert not (project.state / "vms" / old["name"]).exists()
-    log = _apply_log(second["run_dir"])
-    created = [n for n, line in enumerate(log) if "Creation complete" in line]
-    destroying = [n for n, line in enumerate(log) if "Destroying..." in line]
-    assert len(created) == 2 and len(destroying) == 2
-    assert max(created) < min(destroying), "an old instance went before every new one was up"
+    assert second["deploy"]["front_door"] == door
 
     # Nothing changed: nothing is baked and the fleet is left alone.
     third, stderr = project.run_json("run", "web", "--env", "dev")
@@ -186,19 +254,23 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     assert "unchanged" in stderr and "already on" in stderr
     assert {i["name"] for i in third["deploy"]["instances"]} == new_names
 
-    # A VM dies behind Terraform's back: status shows it, the next deploy recreates it.
+    # A VM dies behind Terraform's back: status shows it, heal replaces it (same version).
     victim = sorted(new_names)[0]
     record = qemu.load(project.state / "vms", victim)
     os.kill(record.pid, signal.SIGKILL)
     status = json.loads(project.pipeline("status", "dev", "--json").stdout)
     assert any(victim in line for line in status["drift"]), status["drift"]
 
-    healed, stderr = project.run_json("deploy", "dev")
+    healed, stderr = project.run_json("heal", "dev")
     assert "drift" in stderr and victim in stderr
-    assert healed["changed"] is True
+    assert healed["replaced"] == [{"old": victim, "new": victim, "version": second["version"]}]
     assert {i["name"] for i in healed["instances"]} == new_names
-    assert all(i["health"] == "healthy" for i in healed["instances"])
     assert qemu.load(project.state / "vms", victim).pid != record.pid
+    assert all(i["health"] == "healthy" for i in healed["instances"])
+    assert {i["version"] for i in healed["instances"]} == {second["version"]}
+    assert all(i["front_door"] == "UP" for i in healed["instances"])
+    leftovers = [p.name for p in (project.state / "images" / "web").iterdir()]
+    assert not [name for name in leftovers if name.startswith(".tmp")], leftovers
 
     # A fleet template Terraform rejects fails the deploy and leaves the environment usable.
     template = project.root / "templates" / "terraform" / "local" / "main.tf.j2"
@@ -212,14 +284,10 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     status = json.loads(project.pipeline("status", "dev", "--json").stdout)
     assert {i["name"] for i in status["instances"]} == new_names
 
-    _revoke_roll_back_and_collect(project, first, second)
-
-    # Tearing down leaves no VM of this project running.
-    project.pipeline("destroy", "dev")
-    assert project.vm_processes() == []
+    _revoke_roll_back_and_collect(project, first, second, door)
 
 
-def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict) -> None:
+def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict, door: str) -> None:
     """The registry's part of the story, on the fleet running the second version."""
     old, new = first["version"], second["version"]
 
@@ -241,9 +309,17 @@ def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict) -
     assert f"web {new} is revoked since" in refused.stderr
     assert "CVE-2026-0042 in the service" in refused.stderr and "channel dev" in refused.stderr
 
-    # Rolling the channel back and deploying replaces the fleet with the older version.
+    # Rolling the channel back and deploying, blue/green: a whole fleet of the older version
+    # comes up beside the revoked one, and the front door switches in one reload.
     project.pipeline("promote", "web", "dev", "--rollback")
-    back, _ = project.run_json("deploy", "dev")
+    _set_config(
+        project, lambda c: c["environments"]["dev"].update(rollout={"strategy": "blue_green"})
+    )
+    with Probe(door) as probe:
+        back, _ = project.run_json("deploy", "dev")
+    assert probe.failed == [], probe.failed[:10]
+    assert probe.versions == {old, new}
+    assert (back["strategy"], back["waves"], back["kept"]) == ("blue_green", 1, [])
     assert {i["version"] for i in back["instances"]} == {old}
     assert all(i["health"] == "healthy" for i in back["instances"])
 
@@ -284,6 +360,63 @@ LAYER_VERIFY = """\
       register: verify_unit
       failed_when: verify_unit.status.ActiveState != "active"
 """
+
+
+def test_a_version_failing_its_health_check_is_rolled_back_and_the_fleet_scales(
+    project: Project,
+) -> None:
+    """After the story: the fleet runs its older version behind the front door."""
+    before = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    running = {i["name"] for i in before["instances"]}
+    old = before["channel_version"]
+    assert len(running) == 2 and {i["version"] for i in before["instances"]} == {old}
+    door = before["front_door"]
+
+    # A version baked in maintenance mode passes verification (its service says it is in
+    # maintenance) but fails the environment's health check: the rollout is rolled back.
+    _set_config(project, lambda c: c["images"]["web"].update(vars={"webservice_maintenance": True}))
+    _set_config(project, lambda c: c["environments"]["dev"].update(rollout={"max_surge": 1}))
+    with Probe(door) as probe:
+        failed = project.pipeline("run", "web", "--env", "dev", check=False)
+    assert failed.returncode == 8, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert "rolled back: health check failed" in failed.stderr
+    assert "HTTP 503 on /healthz" in failed.stderr
+    assert probe.failed == [], probe.failed[:10]
+    assert probe.versions == {old}
+
+    after = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    bad = after["channel_version"]
+    assert bad != old
+    assert {i["name"] for i in after["instances"]} == running
+    assert all(i["health"] == "healthy" for i in after["instances"])
+    last = after["last_rollout"]
+    assert (last["to"], last["result"]) == (bad, "rolled back")
+    assert "HTTP 503" in last["reason"]
+    assert len(project.vm_processes()) == 2
+
+    # Scaling: out to 4 (on the version the fleet runs, not the channel's), in to 1, back to 2.
+    project.pipeline("promote", "web", "dev", "--rollback")
+    _set_config(project, lambda c: c["images"]["web"].pop("vars"))
+    out, _ = project.run_json("scale", "dev", "4")
+    assert len(out["instances"]) == 4
+    assert {i["version"] for i in out["instances"]} == {old}
+    assert all(i["health"] == "healthy" and i["front_door"] == "UP" for i in out["instances"])
+    with Probe(door) as probe:
+        shrunk, _ = project.run_json("scale", "dev", "1")
+    assert probe.failed == [], probe.failed[:10]
+    assert len(shrunk["instances"]) == 1
+    assert len(project.vm_processes()) == 1
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    assert (status["size"], status["drift"]) == (1, [])
+    grown, _ = project.run_json("scale", "dev", "2")
+    assert len(grown["instances"]) == 2
+    assert all(i["health"] == "healthy" for i in grown["instances"])
+
+    # Tearing down leaves no VM and no front door of this project running.
+    project.pipeline("destroy", "dev")
+    assert project.vm_processes() == []
+    assert project.processes("haproxy") == []
 
 
 def test_an_image_built_on_another_records_its_parent(project: Project) -> None:

@@ -1,0 +1,136 @@
+"""A rolling update of a fleet of N = 4 with max_surge 2, through the front door.
+
+Goals: the update takes at most 1.2 x (one instance's boot + health check) x waves, and not one
+request sent to the front door every 50 ms during it fails.
+
+Works in a copy of this project (its own state; base images are shared with ./.pipeline when
+there are any): runs `pipeline run web --env bench` (bake, verify, four instances), measures
+one instance's boot + health check by scaling 4 -> 5 (the provider's own "healthy after" figure
+plus the health gate), bakes and verifies a second version, then times `pipeline deploy bench`
+with a probe on the front door. Takes 15-25 minutes under emulation:
+    .venv/bin/python bench/rollout.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE, SURGE = 4, 2
+
+
+class Probe:
+    """Requests a URL every 50 ms in a thread and counts what fails."""
+
+    def __init__(self, url: str) -> None:
+        assert url.startswith("http://127.0.0.1:"), url
+        self.url, self.ok, self.failed = url, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    response.read()
+                self.ok += 1
+            except Exception:
+                self.failed += 1
+
+
+def pipeline(root: Path, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--json"],
+        cwd=root, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        sys.exit(f"pipeline {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def healthy_after(run_dir: str) -> list[float]:
+    """The provider's boot-to-healthy seconds for each instance a run created."""
+    log = Path(run_dir, "logs", "provider.log")
+    return [float(x) for x in re.findall(r"healthy after ([0-9.]+) s", log.read_text())]
+
+
+def main() -> int:
+    root = Path(tempfile.mkdtemp(prefix="pipeline-bench-rollout-"))
+    for name in ("roles", "templates", "molecule", "inventories", "playbooks"):
+        shutil.copytree(REPO / name, root / name)
+    config = yaml.safe_load((REPO / "pipeline.yml").read_text())
+    config["images"]["web"].setdefault("vars", {})["bench_nonce"] = str(time.time())
+    config["environments"] = {
+        "bench": {
+            "image": "web",
+            "instances": SIZE,
+            "rollout": {"strategy": "rolling", "max_surge": SURGE},
+        }
+    }
+    (root / "pipeline.yml").write_text(yaml.safe_dump(config))
+    shared = REPO / ".pipeline"
+    (root / ".pipeline").mkdir()
+    for name in ("base", "keys", "accel.json"):
+        if (shared / name).exists():
+            (root / ".pipeline" / name).symlink_to(shared / name)
+    try:
+        first = pipeline(root, "run", "web", "--env", "bench")
+        door = first["deploy"]["front_door"]
+
+        started = time.perf_counter()
+        scaled = pipeline(root, "scale", "bench", str(SIZE + 1))
+        one_cli = time.perf_counter() - started
+        runs = sorted((root / ".pipeline" / "runs").iterdir())
+        [boot] = healthy_after(str(runs[-1]))
+        pipeline(root, "scale", "bench", str(SIZE))
+        env = config["environments"]["bench"]
+        gate = (env.get("health", {}).get("passes", 3) - 1) * env.get("health", {}).get(
+            "interval", 1.0
+        )
+        one = boot + gate
+        assert len(scaled["instances"]) == SIZE + 1
+
+        config["images"]["web"]["vars"]["bench_nonce"] = str(time.time())
+        (root / "pipeline.yml").write_text(yaml.safe_dump(config))
+        baked = pipeline(root, "bake", "web")
+        pipeline(root, "verify", "web", baked["version"])
+        pipeline(root, "promote", "web", "bench", baked["version"])
+
+        probe = Probe(door)
+        probe.thread.start()
+        started = time.perf_counter()
+        rolled = pipeline(root, "deploy", "bench")
+        seconds = time.perf_counter() - started
+        probe.stop.set()
+        probe.thread.join()
+        waves = rolled["waves"]
+        ratio = seconds / (one * waves)
+        print(f"fleet of {SIZE}, max_surge {SURGE}: {waves} waves")
+        print(
+            f"one instance: boot + health check {one:.1f} s (provider {boot:.1f} s + gate"
+            f" {gate:.1f} s); `pipeline scale` of one instance, all told: {one_cli:.1f} s"
+        )
+        print(f"rolling update: {seconds:.1f} s; ratio {ratio:.2f} (goal <= 1.2)")
+        print(f"front door probe: {probe.ok} answered, {probe.failed} failed (goal 0)")
+        return 0 if ratio <= 1.2 and probe.failed == 0 else 1
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "destroy", "bench"],
+            cwd=root, capture_output=True, check=False,
+        )  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
