@@ -103,9 +103,11 @@ def main() -> int:
 
         config["images"]["web"]["vars"]["bench_nonce"] = str(time.time())
         (root / "pipeline.yml").write_text(yaml.safe_dump(config))
-        baked = pipeline(root, "bake", "web")
-        pipeline(root, "verify", "web", baked["version"])
-        pipeline(root, "promote", "web", "bench", baked["version"])
+        print(f"one instance: boot + health check {one:.1f} s", flush=True)
+        # `bake --json` gives the version's whole record under "version".
+        version = pipeline(root, "bake", "web")["version"]["version"]
+        pipeline(root, "verify", "web", version)
+        pipeline(root, "promote", "web", "bench", version)
 
         probe = Probe(door)
         probe.thread.start()
