@@ -32,21 +32,13 @@ from pipeline.stages.fleet import (
     existing_front_door,
     host_vars,
     reap_orphans,
+    terraform_for,
     vm_running,
     workdir,
 )
 from pipeline.tools.terraform import Terraform
 
-__all__ = ["reap_orphans", "workdir"]
-
-
-def terraform_for(config: Config, environment: EnvironmentConfig, log_dir: Path) -> Terraform:
-    return Terraform(
-        binary=config.terraform,
-        workdir=workdir(config, environment),
-        plugin_dir=config.state_dir / "plugins",
-        log_dir=log_dir,
-    )
+__all__ = ["reap_orphans", "terraform_for", "workdir"]
 
 
 def channel_version(registry: Registry, environment: EnvironmentConfig) -> ImageVersion:
@@ -272,12 +264,12 @@ def plan(
             note = ""
         terraform_plan = fleet.tf.plan(fleet.variables(members))
     changes = [
-        {"action": c.action, "name": c.name if c.action != "delete" else _before(c)}
+        {"action": c.action, "name": c.name}
         for c in terraform_plan.changes
         if c.type == "pipeline_instance" and c.action != "no-op"
     ]
     drift = [
-        _before(c)
+        c.name
         for c in terraform_plan.drift
         if c.type == "pipeline_instance" and (c.action == "delete" or not c.after)
     ]
@@ -298,11 +290,6 @@ def plan(
         "changes": changes,
         "drift": drift,
     }
-
-
-def _before(change: Any) -> str | None:
-    before = change.before or {}
-    return str(before.get("name")) if before.get("name") else change.name
 
 
 def destroy(
@@ -366,10 +353,6 @@ def listing(config: Config, environment: EnvironmentConfig, tf: Terraform) -> li
             }
         )
     return found
-
-
-# The name status and the API used before the front door: the same listing.
-fleet = listing
 
 
 def inventory(config: Config, environment: EnvironmentConfig) -> dict[str, Any]:

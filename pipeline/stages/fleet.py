@@ -107,12 +107,8 @@ class Fleet:
         self.log = log
         self.image = config.image(environment.image)
         folder = terraform_dir or workdir(config, environment)
-        self.tf = Terraform(
-            binary=config.terraform,
-            workdir=folder,
-            plugin_dir=config.state_dir / "plugins",
-            log_dir=run.dir / "logs" if run is not None else folder / "logs",
-        )
+        log_dir = run.dir / "logs" if run is not None else folder / "logs"
+        self.tf = terraform_for(config, environment, log_dir, folder=folder)
         self.members: dict[str, Member] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.created: list[str] = []
@@ -199,7 +195,7 @@ class Fleet:
             if change.type == "pipeline_instance" and (
                 change.action == "delete" or not change.after
             ):
-                self.log.warning("drift: %s is gone", _before_name(change))
+                self.log.warning("drift: %s is gone", change.name)
 
     def configuration(self) -> str:
         """The environment's Terraform configuration, rendered from its template."""
@@ -223,8 +219,8 @@ class Fleet:
         for change in plan.changes:
             if change.type != "pipeline_instance" or change.action == "no-op":
                 continue
-            name = change.name if change.action != "delete" else _before_name(change)
-            self.log.info("%s %s", change.action, name)
+            # A delete has no "after": its name is the one it had.
+            self.log.info("%s %s", change.action, change.name)
         if plan.has_changes:
             before = set(self.members)
             try:
@@ -344,6 +340,18 @@ class Fleet:
         self.log.info("smoke test %s passed on %s", smoke.name, ", ".join(names))
 
 
+def terraform_for(
+    config: Config, environment: EnvironmentConfig, log_dir: Path, *, folder: Path | None = None
+) -> Terraform:
+    """The environment's Terraform (in `folder` instead of its own, for a dry run)."""
+    return Terraform(
+        binary=config.terraform,
+        workdir=folder or workdir(config, environment),
+        plugin_dir=config.state_dir / "plugins",
+        log_dir=log_dir,
+    )
+
+
 def workdir(config: Config, environment: EnvironmentConfig) -> Path:
     """Where the environment's Terraform configuration and state live."""
     return config.state_dir / "envs" / environment.name / "terraform"
@@ -450,11 +458,6 @@ def reap_orphans(config: Config, environment: EnvironmentConfig, tf: Terraform) 
             qemu.stop(record)
             reaped.append(record.name)
     return reaped
-
-
-def _before_name(change: Any) -> str | None:
-    before = change.before or {}
-    return str(before.get("name")) if before.get("name") else change.name
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, EnvironmentConfig
@@ -41,7 +40,7 @@ def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> Non
     rollout = fleet.environment.rollout
     surge, unavailable = rollout.surge(size), rollout.unavailable(size)
     keep, broken, old = sort_members(fleet, version, size)
-    _retire_broken(fleet, broken, moves)
+    _retire_broken(fleet, broken)
     need = size - len(keep)
     fleet.serve(keep + old)
     while need > 0:
@@ -74,7 +73,7 @@ def blue_green(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> 
     Returns the old members that stay (out of the front door) for `keep_old` seconds.
     """
     keep, broken, old = sort_members(fleet, version, size)
-    _retire_broken(fleet, broken, moves)
+    _retire_broken(fleet, broken)
     if not old and len(keep) == size:
         fleet.serve(keep)
         return []
@@ -150,7 +149,7 @@ def sort_members(
     return keep, dead, failing + old
 
 
-def _retire_broken(fleet: Fleet, dead: list[Member], moves: Moves) -> None:
+def _retire_broken(fleet: Fleet, dead: list[Member]) -> None:
     for member in dead:
         fleet.log.warning("drift: %s (%s): its VM is not running", member.name, member.version)
     if dead:
@@ -249,10 +248,6 @@ class Record:
     def last(self) -> dict[str, Any] | None:
         rollouts = self.data.get("rollouts") or []
         return rollouts[0] if rollouts else None
-
-
-def record_path(config: Config, environment: EnvironmentConfig) -> Path:
-    return config.state_dir / "envs" / environment.name / "record.json"
 
 
 __all__ = ["GateFailed", "Moves", "Record", "blue_green", "roll_back", "rolling"]
