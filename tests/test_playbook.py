@@ -6,10 +6,16 @@ the task named, and be stopped at its timeout.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from pipeline.errors import Interrupted
 from pipeline.tools import playbook
 
 LOCAL = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
@@ -87,6 +93,33 @@ def test_a_play_past_its_timeout_is_stopped(tmp_path: Path) -> None:
     left = [
         p for p in Path("/proc").iterdir()
         if p.name.isdigit() and _cmdline(p) == b"sleep\x00300\x00"
+    ]  # fmt: skip
+    assert left == []
+
+
+def test_a_run_leaves_the_signal_handlers_it_found(tmp_path: Path) -> None:
+    book = _write(tmp_path, "    - name: Answer\n      ansible.builtin.ping:\n")
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+
+    playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path, timeout=120)
+
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_run_stops_it_as_an_interruption(tmp_path: Path, number: int) -> None:
+    book = _write(tmp_path, "    - name: Hang\n      ansible.builtin.command: sleep 301\n")
+    threading.Timer(4, os.kill, (os.getpid(), number)).start()
+
+    started = time.monotonic()
+    with pytest.raises(Interrupted, match=r"interrupted during playbook smoke\.yml"):
+        playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path, timeout=120)
+
+    assert time.monotonic() - started < 60
+    time.sleep(0.5)
+    left = [
+        p for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _cmdline(p) == b"sleep\x00301\x00"
     ]  # fmt: skip
     assert left == []
 

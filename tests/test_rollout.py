@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import EnvironmentConfig, HealthConfig, RolloutConfig
-from pipeline.errors import RolledBack
-from pipeline.stages import rollout
+from pipeline.errors import Interrupted, RolledBack
+from pipeline.stages import deploy, rollout
 from pipeline.stages.fleet import GateFailed, Member
 
 
@@ -58,7 +58,13 @@ class Door:
 class RecordingFleet:
     """The Fleet's interface, with members that are names and checks on every step."""
 
-    def __init__(self, rollout_config: RolloutConfig, size: int, fail_gate_on: str | None = None):
+    def __init__(
+        self,
+        rollout_config: RolloutConfig,
+        size: int,
+        fail_gate_on: str | None = None,
+        interrupt_gate_on: str | None = None,
+    ):
         self.environment = EnvironmentConfig(
             name="dev", image="web", channel="dev", instances=size, rollout=rollout_config,
             health=HealthConfig(),
@@ -69,6 +75,8 @@ class RecordingFleet:
         self.gated: set[str] = set()
         self.steps: list[tuple[str, tuple[str, ...]]] = []
         self.fail_gate_on = fail_gate_on
+        self.interrupt_gate_on = interrupt_gate_on
+        self.passed: set[str] = set()
         self.max_members = 0
         self.min_served: int | None = None
         self.created: list[str] = []
@@ -113,7 +121,13 @@ class RecordingFleet:
         for name in names:
             if self.fail_gate_on and self.fail_gate_on in name:
                 raise GateFailed(f"health check failed: {name}: HTTP 503")
+            if self.interrupt_gate_on and self.interrupt_gate_on in name:
+                raise Interrupted("interrupted during playbook smoke.yml; it was stopped")
             self.gated.add(name)
+        self.passed.update(names)
+
+    def refresh(self) -> None:
+        pass
 
     def serve(self, names: Any) -> None:
         names = set(names)
@@ -251,3 +265,17 @@ def test_nothing_happens_to_a_fleet_already_on_the_version() -> None:
 
     assert moves.waves == 0
     assert [kind for kind, _ in fleet.steps] == ["serve", "serve"]
+
+
+def test_after_an_interruption_in_a_gate_only_members_that_passed_or_served_are_served() -> None:
+    fleet = RecordingFleet(RolloutConfig(max_surge=2, max_unavailable=0), 4, interrupt_gate_on="-2")
+    fleet.start(OLD, 4)
+
+    with pytest.raises(Interrupted):
+        rollout.rolling(fleet, NEW, 4, rollout.Moves())  # type: ignore[arg-type]
+    deploy._serve_what_runs(fleet)  # type: ignore[arg-type]
+
+    stopped = {n for n in fleet.members if n.startswith("web-dev-b2") and n.endswith("-2")}
+    assert stopped and not stopped & fleet.door.served
+    assert versions_served(fleet) == {"1.0.0", "1.0.1"}
+    assert len(fleet.door.served) == 4

@@ -488,10 +488,14 @@ def _finish_later(config: Config, environment: EnvironmentConfig, record: rollou
 
 
 def _serve_what_runs(fleet: Fleet) -> None:
-    """After an interruption: the front door sends traffic only to members that still run."""
+    """After an interruption: the front door serves the members that still run and either
+    served already or passed their health gate (one stopped in its gate never joins)."""
     try:
+        serving = set(fleet.door.servers()) if fleet.door.running() else set()
         fleet.refresh()
-        fleet.serve([n for n in fleet.members if fleet.running(n)])
+        fleet.serve(
+            [n for n in fleet.members if fleet.running(n) and (n in serving or n in fleet.passed)]
+        )
     except Exception as exc:  # the interruption is what the user must hear about
         fleet.log.warning("front door not updated after the interruption: %s", exc)
 

@@ -113,6 +113,7 @@ class Fleet:
         self.state: dict[str, dict[str, Any]] = {}
         self.created: list[str] = []
         self.destroyed: list[str] = []
+        self.passed: set[str] = set()  # members that passed the health gate in this run
 
     @functools.cached_property
     def door(self) -> FrontDoor:
@@ -243,6 +244,7 @@ class Fleet:
         gate (GateFailed, naming the member and its last answer). Then the smoke playbook, if
         the environment has one, runs against all of them.
         """
+        names = list(names)
         health = self.environment.health
         # Per member: passes in a row, failures in a row, the last wrong answer.
         pending: dict[str, tuple[int, int, str]] = {name: (0, 0, "no answer yet") for name in names}
@@ -274,7 +276,8 @@ class Fleet:
             if pending:
                 time.sleep(health.interval)
         if health.smoke is not None:
-            self._smoke(list(names) if not isinstance(names, list) else names)
+            self._smoke(names)
+        self.passed.update(names)
 
     def serve(self, names: Iterable[str]) -> None:
         """Send the front door's traffic to exactly these members."""

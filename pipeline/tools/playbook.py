@@ -5,6 +5,11 @@ events); the outcome is read from the runner's own status, return code and event
 parsing a terminal. A run that takes longer than its timeout is stopped by the runner, and
 every process it left behind (the runner stops only ansible-playbook itself) is killed: each run
 marks its processes with a variable in their environment, which their children inherit.
+
+Signals: left alone, ansible-runner installs SIGINT and SIGTERM handlers in the calling process
+and never restores them, so after one run Ctrl-C did nothing. Here the handlers live only for the
+run: a signal cancels the playbook (the runner stops it and its processes are killed) and the run
+raises Interrupted, as any other step of the pipeline does.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import MissingTool
+from pipeline.errors import Interrupted, MissingTool
 
 MARK = "PIPELINE_PLAYBOOK_RUN"
 
@@ -65,23 +72,27 @@ def run(
     }
     bin_dir = os.path.dirname(sys.executable)
     marker = uuid.uuid4().hex
-    try:
-        runner = ansible_runner.run(
-            private_data_dir=str(private),
-            playbook=str(playbook),
-            inventory=inventory,
-            envvars={
-                "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)]),
-                "ANSIBLE_HOST_KEY_CHECKING": "False",
-                "ANSIBLE_PIPELINING": "True",
-                "ANSIBLE_NOCOLOR": "True",
-                MARK: marker,
-            },
-            timeout=int(timeout),
-            quiet=True,
-        )
-    finally:
-        kill_marked(marker)
+    with _cancel_on_signal() as canceled:
+        try:
+            runner = ansible_runner.run(
+                private_data_dir=str(private),
+                playbook=str(playbook),
+                inventory=inventory,
+                envvars={
+                    "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)]),
+                    "ANSIBLE_HOST_KEY_CHECKING": "False",
+                    "ANSIBLE_PIPELINING": "True",
+                    "ANSIBLE_NOCOLOR": "True",
+                    MARK: marker,
+                },
+                timeout=int(timeout),
+                quiet=True,
+                cancel_callback=canceled.is_set,
+            )
+        finally:
+            kill_marked(marker)
+    if canceled.is_set() or str(runner.status) == "canceled":
+        raise Interrupted(f"interrupted during playbook {playbook.name}; it was stopped")
     failed = []
     for event in runner.events:
         if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
@@ -98,6 +109,24 @@ def run(
     if status == "timeout":
         failed.insert(0, f"stopped after {timeout:.0f} s")
     return Outcome(status=status, rc=runner.rc, failed=failed)
+
+
+@contextlib.contextmanager
+def _cancel_on_signal() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while the block runs; the old handlers come back after."""
+    canceled = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield canceled  # only the main thread gets signals
+        return
+    previous = {
+        number: signal.signal(number, lambda _number, _frame: canceled.set())
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield canceled
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def kill_marked(marker: str) -> list[int]:
