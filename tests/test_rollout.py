@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -279,3 +280,21 @@ def test_after_an_interruption_in_a_gate_only_members_that_passed_or_served_are_
     assert stopped and not stopped & fleet.door.served
     assert versions_served(fleet) == {"1.0.0", "1.0.1"}
     assert len(fleet.door.served) == 4
+
+
+def test_a_scaled_size_ends_for_good_when_the_configured_count_changes(tmp_path: Any) -> None:
+    def record(instances: int) -> rollout.Record:
+        environment = EnvironmentConfig(name="dev", image="web", channel="dev", instances=instances)
+        config = SimpleNamespace(state_dir=tmp_path)
+        return rollout.Record(config, environment)  # type: ignore[arg-type]
+
+    scaled = record(2)
+    scaled.scale(0)
+    scaled.save()
+    assert record(2).size() == 0
+
+    changed = record(1)
+    assert changed.size() == 1
+    changed.save()  # what a deploy with the new count does
+
+    assert record(2).size() == 2

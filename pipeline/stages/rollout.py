@@ -197,11 +197,16 @@ class Record:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
-    # The size `pipeline scale` set holds while pipeline.yml's count stays what it was then.
     def size(self) -> int:
+        """The size `pipeline scale` set, while pipeline.yml's count stays what it was then.
+
+        A changed count ends the scaled size for good: it is forgotten here and with the next
+        save, so going back to the old count later does not bring the old size back.
+        """
         scaled = self.data.get("scale")
         if scaled and scaled.get("config") == self.environment.instances:
             return int(scaled["instances"])
+        self.data.pop("scale", None)
         return self.environment.instances
 
     def scale(self, count: int) -> None:
