@@ -292,7 +292,7 @@ def test_a_taken_port_is_named_and_stop_leaves_no_process(folder, backends):
         holder.listen()
         taken = holder.getsockname()[1]
         door = FrontDoor(folder, name="web", port=taken, health=FAST)
-        with pytest.raises(UsageError, match=f"127.0.0.1:{taken}"):
+        with pytest.raises(frontdoor.PortTaken, match=f"127.0.0.1:{taken}"):
             door.apply({"a": a.port})
         assert not door.running()
         assert haproxy_pids(folder) == []
@@ -303,6 +303,23 @@ def test_a_taken_port_is_named_and_stop_leaves_no_process(folder, backends):
     assert wait_for(lambda: haproxy_pids(folder) == [])
     assert not (folder / "haproxy.pid").exists()
     assert not (folder / "admin.sock").exists()
+
+
+def test_a_port_change_that_fails_keeps_the_address_that_serves(folder, backends):
+    a = backends("a")
+    door = FrontDoor(folder, name="web", health=FAST)
+    door.apply({"a": a.port})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        moved = FrontDoor(folder, name="web", port=taken, health=FAST)
+        with pytest.raises(frontdoor.PortTaken):
+            moved.apply({"a": a.port})
+
+        assert moved.url == door.url
+        assert FrontDoor(folder, name="web", health=FAST).url == door.url
+        assert answers(door.port, 3) == Counter({"a": 3})
 
 
 def test_a_stale_pid_file_is_not_taken_for_haproxy(folder, backends):

@@ -69,6 +69,12 @@ class FrontDoorError(PipelineError):
     exit_code = ToolError.exit_code
 
 
+class PortTaken(FrontDoorError):
+    """The front door's port is held by another program: nothing of the fleet was changed."""
+
+    exit_code = 6  # DeployFailed's: the rollout could not go on
+
+
 class _NoAnswer(FrontDoorError):
     """HAProxy's master CLI did not answer (it is away for an instant at each reload)."""
 
@@ -156,11 +162,14 @@ class FrontDoor:
                 message = f"{self.folder} is the folder of front door {record['name']}, not {name}"
                 raise UsageError(message)
             # The address is what clients keep: once picked, a port stays unless one is given.
+            # A given port is recorded only once HAProxy serves on it (apply), so a port that
+            # turns out taken leaves the recorded address, the one still serving, as it was.
             recorded = record.get("port")
             if recorded is not None:
                 _check_port(recorded, f"port recorded in {self._record_path}")
             self._port = port or recorded or _free_port()
-            if record.get("port") != self._port or "name" not in record:
+            self._recorded_port: int | None = recorded
+            if recorded is None or "name" not in record:
                 self._write_record(record.get("backends", {}))
 
     @property
@@ -170,8 +179,11 @@ class FrontDoor:
 
     @property
     def url(self) -> str:
-        """Where clients reach the environment: the same across runs and reloads."""
-        return f"http://{ADDRESS}:{self.port}"
+        """Where clients reach the environment: the same across runs and reloads.
+
+        Until a newly given port serves, that is still the recorded one.
+        """
+        return f"http://{ADDRESS}:{self._recorded_port or self.port}"
 
     def running(self) -> bool:
         """True if the pid file names a live HAProxy master of this front door's config."""
@@ -536,6 +548,7 @@ backend {self._backend}
     def _write_record(self, backends: Mapping[str, int]) -> None:
         record = {"name": self.name, "port": self.port, "backends": dict(backends)}
         write_json_atomic(self._record_path, record)
+        self._recorded_port = self.port
 
     def _tool_error(self, what: str, argv: list[str], returncode: int, offset: int) -> ToolError:
         tail = _log_lines(self._log, offset)
@@ -577,7 +590,7 @@ def _check_port_free(port: int, name: str) -> None:
                 f"front door {name} cannot listen on {ADDRESS}:{port}: {exc.strerror}; "
                 f"free the port or configure another one"
             )
-            raise UsageError(message) from None
+            raise PortTaken(message) from None
 
 
 def _free_port() -> int:
