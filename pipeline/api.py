@@ -33,7 +33,7 @@ from pipeline.registry import (
     picture,
     retention,
 )
-from pipeline.registry.store import format_time, no_collection
+from pipeline.registry.store import USABLE, format_time, no_collection
 from pipeline.runs import Run
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
@@ -229,7 +229,7 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
         now = channel.version if channel else None
         target = channel
         if bake["rebuild"]:
-            basis = channel or registry.latest(image)
+            basis = channel or registry.latest(image, states=USABLE)
             target = (
                 dataclasses.replace(basis, version=bake["version"], build_id="next")
                 if basis

@@ -298,3 +298,10 @@ def test_a_scaled_size_ends_for_good_when_the_configured_count_changes(tmp_path:
     changed.save()  # what a deploy with the new count does
 
     assert record(2).size() == 2
+
+
+def test_waves_from_an_empty_fleet_are_one_and_replacements_go_by_surge() -> None:
+    assert rollout.waves(4, 0, 2, 0) == [(0, 4, 0)]
+    assert rollout.waves(4, 4, 2, 0) == [(0, 2, 2), (0, 2, 2)]
+    assert rollout.waves(4, 4, 1, 1) == [(1, 2, 1), (1, 2, 1)]
+    assert rollout.waves(2, 0, 0, 1) == [(0, 2, 0)]

@@ -153,10 +153,13 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
             "state": existing.state,
             "reasons": [f"unchanged: these inputs are version {existing.version}"],
         }
-    newest = registry.latest(image.name)
+    # A version still `building` has no inputs recorded yet: compare with the newest finished.
+    newest = registry.latest(image.name, states=("built", "verified", "failed"))
     previous = registry.get(image.name, newest.version) if newest else None
     bump = choose_bump(image, previous, parts)
     reasons = notes + _changes(previous, parts, roles, image)
+    for building in registry.abandoned_builds(image.name):
+        reasons.append(f"version {building.version} is being baked now (or its bake died)")
     if existing is not None:
         reasons.insert(0, f"version {existing.version} has these inputs, its image file is gone")
     return {

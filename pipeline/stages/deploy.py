@@ -254,14 +254,21 @@ def plan(
                 shutil.copy2(real / name, Path(tmp) / name)
         (Path(tmp) / "main.tf").write_text(fleet.configuration(), encoding="utf-8")
         fleet.refresh()
+        rollout_config = environment.rollout
+        waves = 0
         if target is None:
             members: dict[str, Any] = {}
             note = "no version to plan with"
         else:
-            keep, _dead, _old = rollout.sort_members(fleet, target, size)
+            keep, _dead, old = rollout.sort_members(fleet, target, size)
             new = fleet.new_members(target, size - len(keep))
             members = {n: fleet.members[n] for n in keep} | {m.name: m for m in new}
             note = ""
+            if new and rollout_config.strategy == "blue_green":
+                waves = 1
+            elif new:
+                surge, unavailable = rollout_config.surge(size), rollout_config.unavailable(size)
+                waves = len(rollout.waves(len(new), len(old), surge, unavailable))
         terraform_plan = fleet.tf.plan(fleet.variables(members))
     changes = [
         {"action": c.action, "name": c.name}
@@ -273,18 +280,12 @@ def plan(
         for c in terraform_plan.drift
         if c.type == "pipeline_instance" and (c.action == "delete" or not c.after)
     ]
-    creates = sum(1 for c in changes if c["action"] in ("create", "replace"))
-    rollout_config = environment.rollout
-    waves = 0
-    if creates:
-        per_wave = rollout_config.surge(size) + rollout_config.unavailable(size)
-        waves = 1 if rollout_config.strategy == "blue_green" else -(-creates // max(per_wave, 1))
     return {
         "env": environment.name,
         "size": size,
         "strategy": rollout_config.strategy,
         "waves": waves,
-        "target": target.version if target is not None and not future else None,
+        "target": target.version if target is not None else None,
         "future": future,
         "note": note,
         "changes": changes,

@@ -35,22 +35,39 @@ class Moves:
     waves: int = 0
 
 
+def waves(need: int, old: int, surge: int, unavailable: int) -> list[tuple[int, int, int]]:
+    """The waves of a rolling update: (old leaving first, new created, old leaving after).
+
+    `need` new members are wanted and `old` members are to be replaced; old members beyond the
+    last wave leave at the end.
+    """
+    planned = []
+    while need > 0:
+        early = min(unavailable, old)
+        old -= early
+        count = min(need, surge + early) if old else need
+        late = min(old, max(0, count - early))
+        old -= late
+        need -= count
+        planned.append((early, count, late))
+    return planned
+
+
 def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> None:
     """Replace the fleet in waves of at most `max_surge` extra and `max_unavailable` fewer."""
     rollout = fleet.environment.rollout
-    surge, unavailable = rollout.surge(size), rollout.unavailable(size)
     keep, broken, old = sort_members(fleet, version, size)
     _retire_broken(fleet, broken)
     need = size - len(keep)
     fleet.serve(keep + old)
-    while need > 0:
+    for early_count, count, late_count in waves(
+        need, len(old), rollout.surge(size), rollout.unavailable(size)
+    ):
         moves.waves += 1
-        early = old[: min(unavailable, len(old))]
+        early, old = old[:early_count], old[early_count:]
         if early:
             fleet.log.info("wave %d: %d old instance(s) leave first", moves.waves, len(early))
             _retire(fleet, early, moves)
-            old = old[len(early) :]
-        count = min(need, surge + len(early)) if old else need
         new = fleet.new_members(version, count)
         fleet.log.info(
             "wave %d: %d new instance(s) on %s, %d to go", moves.waves, count, version.version, need
@@ -58,9 +75,8 @@ def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> Non
         _add(fleet, new, moves)
         keep += [m.name for m in new]
         fleet.serve(keep + old)
-        late = old[: max(0, count - len(early))]
+        late, old = old[:late_count], old[late_count:]
         _retire(fleet, late, moves)
-        old = old[len(late) :]
         need -= count
     # Extra members (a smaller fleet, or more than its size on the version) leave last.
     _retire(fleet, old, moves)
@@ -255,4 +271,4 @@ class Record:
         return rollouts[0] if rollouts else None
 
 
-__all__ = ["GateFailed", "Moves", "Record", "blue_green", "roll_back", "rolling"]
+__all__ = ["GateFailed", "Moves", "Record", "blue_green", "roll_back", "rolling", "waves"]
