@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,19 @@ def test_help_lists_every_exit_code(project: Path, args: list[str]) -> None:
 )
 def test_verbose_counts_wherever_it_is_given(argv: list[str], verbosity: int) -> None:
     assert cli.parse_args(argv).verbose == verbosity
+
+
+def test_heal_and_finish_of_an_environment_never_deployed_make_no_front_door(
+    project: Path,
+) -> None:
+    for folder in ("templates", "roles"):
+        shutil.copytree(REPO / folder, project / folder)
+
+    healed = pipeline("heal", "dev", cwd=project)
+    finished = pipeline("finish", "dev", "--json", cwd=project)
+
+    assert healed.returncode == 0, healed.stderr
+    assert "no instances: nothing to heal" in healed.stderr
+    assert finished.returncode == 0, finished.stderr
+    assert '"front_door": null' in finished.stdout
+    assert not (project / ".pipeline" / "envs" / "dev" / "frontdoor").exists()

@@ -181,6 +181,11 @@ def heal(
 ) -> dict[str, Any]:
     """Replace instances that died or stopped answering with new ones on the same version."""
     fleet, _record, log = _open(config, environment, run, "heal")
+    if not fleet.members:
+        log.info(
+            "no instances: nothing to heal (`pipeline deploy %s` makes the fleet)", environment.name
+        )
+        return {**_summary(config, environment, fleet, registry), "replaced": []}
     dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
     failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
     healthy = [n for n in fleet.members if fleet.healthy(n)]
@@ -519,9 +524,15 @@ def _summary(
         "env": environment.name,
         "created": fleet.created,
         "destroyed": fleet.destroyed,
-        "front_door": fleet.door.url,
+        "front_door": _front_door_url(config, environment),
         "instances": listing(config, environment, fleet.tf),
     }
+
+
+def _front_door_url(config: Config, environment: EnvironmentConfig) -> str | None:
+    """The environment's address, if it has a front door; asking never makes one."""
+    door = existing_front_door(config, environment)
+    return door.url if door is not None else None
 
 
 def _check_image_files(version: ImageVersion) -> None:

@@ -286,7 +286,17 @@ class Fleet:
             port = self.state.get(name, {}).get("http_port")
             if port:
                 backends[name] = int(port)
+        if not backends and not self._door_running():
+            return  # no front door is started (nor a port picked) to serve nothing
         self.door.apply(backends)
+
+    def _door_running(self) -> bool:
+        if (
+            "door" not in self.__dict__
+            and not front_door_folder(self.config, self.environment).is_dir()
+        ):
+            return False  # never made: asking would make it
+        return self.door.running()
 
     def retire(self, names: Iterable[str]) -> None:
         """Take members out of the front door, let their requests finish, destroy them."""
