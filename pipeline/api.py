@@ -299,18 +299,33 @@ def finish(
             if format_time(dt.datetime.now(dt.UTC)) >= when_due:
                 break
             time.sleep(2)
+        # Due: a rollout holding the environment then is waited for, not given up on; under
+        # the lock the stage finishes only the fleet kept until `when_due`, if still kept.
+        return _fleet_change(
+            "finish", env, config_path, lock_wait=FINISH_LOCK_WAIT, when_due=when_due
+        )
     return _fleet_change("finish", env, config_path)
 
 
+# How long a background finisher waits for a rollout that holds the environment when it is due.
+FINISH_LOCK_WAIT = 6 * 3600.0
+
+
 def _fleet_change(
-    action: str, env: str, config_path: Path | str | None, **options: Any
+    action: str,
+    env: str,
+    config_path: Path | str | None,
+    *,
+    lock_wait: float = 0.0,
+    **options: Any,
 ) -> dict[str, Any]:
     from pipeline.stages import deploy as deploy_stage
 
     with _project(config_path) as (config, registry):
         environment = config.environment(env)
         run_ = Run(config.state_dir, action, env)
-        with _recorded(run_), locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id):
+        lock = locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id, wait=lock_wait)
+        with _recorded(run_), lock:
             change = getattr(deploy_stage, action)
             result: dict[str, Any] = change(
                 config, environment, **options, run=run_, registry=registry

@@ -1,22 +1,32 @@
 """Human output: one logger, to stderr, each line carrying its context like `[web 1.4.0 > bake]`.
 
-Data (listings, --json) goes to stdout and never through here.
+Data (listings, --json) goes to stdout and never through here. A process whose output goes to a
+file rather than a person (the background finisher of a blue/green rollout) sets
+PIPELINE_LOG_TIMES=1 and gets each line stamped with the time in UTC.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
 LOGGER = "pipeline"
+TIMES_VARIABLE = "PIPELINE_LOG_TIMES"
 
 
 def setup(verbosity: int) -> None:
     """-v shows the tools' own output as it comes; -vv also our debug detail."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    if os.environ.get(TIMES_VARIABLE) == "1":
+        stamped = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        stamped.converter = time.gmtime
+        handler.setFormatter(stamped)
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger(LOGGER)
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from projects import MINIMAL
 
-from pipeline import cli
+from pipeline import api, cli, locks
 from pipeline.errors import EXIT_CODES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,3 +164,49 @@ def test_heal_and_finish_of_an_environment_never_deployed_make_no_front_door(
     assert finished.returncode == 0, finished.stderr
     assert '"front_door": null' in finished.stdout
     assert not (project / ".pipeline" / "envs" / "dev" / "frontdoor").exists()
+
+
+def _keep_until(project: Path, until: str) -> Path:
+    record = project / ".pipeline" / "envs" / "dev" / "record.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"kept": {"names": ["web-dev-b1-abc-0"], "until": until}}))
+    return record
+
+
+def test_a_due_background_finisher_waits_for_a_rollout_holding_the_environment(
+    project: Path,
+) -> None:
+    for folder in ("templates", "roles"):
+        shutil.copytree(REPO / folder, project / folder)
+    record = _keep_until(project, "2026-01-01T00:00:00Z")
+    released = threading.Event()
+
+    def rollout_holding_the_lock() -> None:
+        with locks.hold(project / ".pipeline", "env-dev", build_id="b2"):
+            started.set()
+            time.sleep(3)
+            released.set()
+
+    started = threading.Event()
+    holder = threading.Thread(target=rollout_holding_the_lock)
+    holder.start()
+    started.wait(10)
+    result = api.finish(
+        "dev", when_due="2026-01-01T00:00:00Z", config_path=project / "pipeline.yml"
+    )
+    holder.join()
+
+    assert released.is_set()
+    assert result["finished"] == ["web-dev-b1-abc-0"]
+    assert "kept" not in json.loads(record.read_text())
+
+
+def test_a_background_finisher_leaves_a_fleet_a_later_rollout_keeps(project: Path) -> None:
+    record = _keep_until(project, "2026-01-02T00:00:00Z")
+
+    result = api.finish(
+        "dev", when_due="2026-01-01T00:00:00Z", config_path=project / "pipeline.yml"
+    )
+
+    assert result["finished"] == []
+    assert json.loads(record.read_text())["kept"]["until"] == "2026-01-02T00:00:00Z"

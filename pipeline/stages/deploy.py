@@ -10,6 +10,7 @@ blue/green rollout's kept old fleet. Nothing is ever changed inside a running VM
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 from pipeline.config import Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, Interrupted, RolledBack, UsageError
-from pipeline.log import context
+from pipeline.log import TIMES_VARIABLE, context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run
 from pipeline.semver import sort_key
@@ -224,10 +225,24 @@ def heal(
 
 
 def finish(
-    config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
+    config: Config,
+    environment: EnvironmentConfig,
+    *,
+    run: Run,
+    registry: Registry,
+    when_due: str | None = None,
 ) -> dict[str, Any]:
-    """End a blue/green rollout now: destroy the old fleet it kept."""
-    kept = list((rollout.Record(config, environment).kept or {}).get("names", []))
+    """End a blue/green rollout now: destroy the old fleet it kept.
+
+    `when_due`: only the fleet kept until then (a background finisher's); if another command
+    finished it, or a later rollout keeps another fleet, nothing is done.
+    """
+    kept_record = rollout.Record(config, environment).kept or {}
+    if when_due is not None and kept_record.get("until") != when_due:
+        log = context(environment.name, "finish")
+        log.info("the old fleet kept until %s is gone already, nothing to finish", when_due)
+        return {"env": environment.name, "finished": [], "note": "nothing kept until then any more"}
+    kept = list(kept_record.get("names", []))
     fleet, _record, log = _open(config, environment, run, "finish")
     if not kept:
         log.info("no old fleet kept, nothing to finish")
@@ -453,17 +468,19 @@ def _open(
     fleet = Fleet(config, environment, run=run, log=log)
     fleet.render()
     record = rollout.Record(config, environment)
-    _finish_kept(fleet, record, log)
+    _finish_kept(fleet, record, log, action)
     return fleet, record, log
 
 
-def _finish_kept(fleet: Fleet, record: rollout.Record, log: Any, *, force: bool = False) -> None:
-    """Destroy the old fleet a blue/green rollout kept, once its time is up (or now)."""
+def _finish_kept(fleet: Fleet, record: rollout.Record, log: Any, action: str) -> None:
+    """Destroy the old fleet a blue/green rollout kept: its time is up, or a change comes."""
     kept = record.kept
     if not kept:
         return
-    if not force and not record.kept_due():
-        log.info("the old fleet kept until %s goes now, before this change", kept["until"])
+    if action != "finish" and not record.kept_due():
+        log.info(
+            "the old fleet kept until %s is destroyed now, before this %s", kept["until"], action
+        )
     names = [n for n in kept.get("names", []) if n in fleet.members]
     if names:
         fleet.retire(names)
@@ -490,6 +507,7 @@ def _finish_later(config: Config, environment: EnvironmentConfig, record: rollou
             ],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output,
             start_new_session=True, cwd=config.root,
+            env={**os.environ, TIMES_VARIABLE: "1"},
         )  # fmt: skip
 
 
