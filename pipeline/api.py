@@ -271,6 +271,9 @@ def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]
 
 def scale(env: str, count: int, *, config_path: Path | str | None = None) -> dict[str, Any]:
     """Change environment `env`'s number of instances (kept until pipeline.yml's changes)."""
+    from pipeline.stages.deploy import check_count
+
+    check_count(count)
     return _fleet_change("scale", env, config_path, count=count)
 
 

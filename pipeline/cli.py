@@ -414,6 +414,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _print_instances(result.get("instances", []))
     if result.get("front_door"):
         print(f"front door: {result['front_door']}")
+    if result["size"] != result["configured_size"]:
+        print(
+            f"size: {result['size']}, set by `pipeline scale` (pipeline.yml says"
+            f" {result['configured_size']}; changing that ends the scaled size)"
+        )
+    if result.get("busy"):
+        print(f"in progress: another run is changing this environment ({result['busy']})")
     last = result.get("last_rollout")
     if last:
         line = f"last rollout: {last['strategy']} to {last['to']}, {last['result']}"

@@ -23,6 +23,8 @@ SEMVER = re.compile(
     # \d would also take digits of other scripts, which int() reads but no tool compares alike.
     re.ASCII,
 )
+# The most instances an environment may have (pipeline.yml and `pipeline scale`).
+MAX_INSTANCES = 32
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
@@ -447,7 +449,7 @@ def _environment(
         name=name,
         image=image,
         channel=reader.string(item.get("channel", name), f"{key}.channel", NAME),
-        instances=reader.integer(item.get("instances", 2), f"{key}.instances", 0, 32),
+        instances=reader.integer(item.get("instances", 2), f"{key}.instances", 0, MAX_INSTANCES),
         target=reader.choice(item.get("target", "local"), f"{key}.target", TARGETS),
         memory=reader.integer(item.get("memory", 512), f"{key}.memory", 256, 65536),
         health=health,
@@ -518,9 +520,11 @@ def _rollout(reader: _Reader, raw: Any, key: str) -> RolloutConfig:
 def _count_or_percent(reader: _Reader, value: Any, key: str) -> int | str:
     if isinstance(value, str) and re.fullmatch(r"(100|[1-9]?[0-9])%", value):
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 32:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INSTANCES:
         return value
-    raise reader.fail(key, f"{value!r} must be a count (0-32) or a percentage such as 25%")
+    raise reader.fail(
+        key, f"{value!r} must be a count (0-{MAX_INSTANCES}) or a percentage such as 25%"
+    )
 
 
 def _join(prefix: str, key: str) -> str:

@@ -53,6 +53,27 @@ def _acquire(fd: int, path: Path, name: str, wait: float) -> None:
     raise LockHeld(message)
 
 
+def holder(state_dir: Path, name: str) -> str | None:
+    """Who holds lock `name` now (pid, build, since), or None if nobody does.
+
+    Read from the kernel's table of locks (/proc/locks), so asking takes no lock itself and
+    never makes a starting run find the lock busy.
+    """
+    path = state_dir / "locks" / f"{name}.lock"
+    try:
+        info = path.stat()
+        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    key = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"; a waiter's line has "->" after N:.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            return _describe_holder(path)
+    return None
+
+
 def _describe_holder(path: Path) -> str:
     try:
         holder = json.loads(path.read_text() or "{}")

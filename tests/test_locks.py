@@ -102,3 +102,16 @@ def test_a_lock_is_free_once_its_holder_has_finished(tmp_path: Path) -> None:
     with locks.hold(tmp_path, "image-web", build_id="second"):
         assert _holder_record(tmp_path, "image-web")["build_id"] == "second"
     assert _holder_record(tmp_path, "image-web") == {}
+
+
+def test_holder_names_who_holds_a_lock_and_takes_nothing(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    assert locks.holder(tmp_path, "env-never") is None
+    assert locks.holder(tmp_path, "env-dev") == locks.holder(tmp_path, "env-dev")
+    assert f"pid {holder.pid}, build {CHILD_BUILD}" in str(locks.holder(tmp_path, "env-dev"))
+
+    holder.kill()
+    holder.wait()
+
+    assert locks.holder(tmp_path, "env-dev") is None

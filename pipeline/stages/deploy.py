@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, EnvironmentConfig
+from pipeline import locks
+from pipeline.config import MAX_INSTANCES, Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, Interrupted, RolledBack, UsageError
 from pipeline.log import TIMES_VARIABLE, context
 from pipeline.registry import ImageVersion, Registry
@@ -131,8 +132,7 @@ def scale(
     config: Config, environment: EnvironmentConfig, count: int, *, run: Run, registry: Registry
 ) -> dict[str, Any]:
     """Change the number of instances; new ones run the version the fleet runs."""
-    if not 0 <= count <= 32:
-        raise UsageError(f"instance count {count}: it must be between 0 and 32")
+    check_count(count)
     fleet, record, log = _open(config, environment, run, "scale")
     dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
     for member in dead:
@@ -175,6 +175,12 @@ def scale(
     record.scale(count)
     record.save()
     return _summary(config, environment, fleet, registry)
+
+
+def check_count(count: int) -> None:
+    """A count `pipeline scale` accepts (checked before anything is locked or read)."""
+    if not 0 <= count <= MAX_INSTANCES:
+        raise UsageError(f"instance count {count}: it must be between 0 and {MAX_INSTANCES}")
 
 
 def heal(
@@ -399,10 +405,14 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
     instances = listing(config, environment, tf)
     record = rollout.Record(config, environment)
     kept = set((record.kept or {}).get("names", []))
+    # While a run changes the environment, VMs booting or going are its work, not drift.
+    busy = locks.holder(config.state_dir, f"env-{environment.name}")
     drift = []
     warnings = []
     for item in instances:
-        if not item["running"]:
+        if busy and (not item["running"] or item["health"] != "healthy"):
+            pass
+        elif not item["running"]:
             drift.append(f"{item['name']} is in Terraform's state but its VM is not running")
         elif item["health"] != "healthy":
             drift.append(f"{item['name']} runs but fails its health check")
@@ -430,7 +440,7 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
             )
     size = record.size()
     serving = [i for i in instances if i["name"] not in kept]
-    if len(serving) != size:
+    if len(serving) != size and not busy:
         wanted = f"pipeline.yml asks for {size}"
         if size != environment.instances:
             wanted = f"scaled to {size} (pipeline.yml says {environment.instances})"
@@ -450,6 +460,8 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
         "channel": environment.channel,
         "channel_version": channel.version if channel else None,
         "size": size,
+        "configured_size": environment.instances,
+        "busy": busy,
         "front_door": door.url if door is not None and door_running else None,
         "instances": instances,
         "kept": record.kept,
