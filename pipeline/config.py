@@ -242,6 +242,37 @@ class _Reader:
         return str(value)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "parse error"
+    return f"malformed YAML at {where}: {getattr(exc, 'problem', None) or exc}"
+
+
+class _PlaybookLoader(yaml.SafeLoader):
+    """Reads a playbook's shape; Ansible's own tags (!vault, !unsafe) read as plain values."""
+
+
+_PlaybookLoader.add_multi_constructor("!", lambda loader, _tag, node: None)
+
+
+def _playbook_problem(path: Path) -> str:
+    """Why `path` is not an Ansible playbook (a list of plays), or "" if it looks like one."""
+    try:
+        # A SafeLoader: no Python objects are built from the file.
+        plays = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlaybookLoader)
+    except yaml.YAMLError as exc:
+        return _yaml_problem(exc)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot be read: {exc}"
+    if not isinstance(plays, list) or not plays:
+        return "not a playbook: it must be a list of plays"
+    for number, play in enumerate(plays, 1):
+        imports = ("import_playbook", "ansible.builtin.import_playbook")
+        if not isinstance(play, dict) or not ("hosts" in play or any(k in play for k in imports)):
+            return f"play {number} is not a play (a mapping with hosts:)"
+    return ""
+
+
 def load(path: Path | str | None = None) -> Config:
     """Read and check pipeline.yml (by default the one in the current folder)."""
     path = Path(path) if path else Path.cwd() / CONFIG_NAME
@@ -250,10 +281,7 @@ def load(path: Path | str | None = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "parse error"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), None, f"malformed YAML at {where}: {problem}") from None
+        raise ConfigError(str(path), None, _yaml_problem(exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason}") from None
     return parse(data, path)
@@ -473,6 +501,9 @@ def _health(reader: _Reader, raw: Any, key: str, default_path: str) -> HealthCon
         smoke = (reader.path.parent / smoke_name).resolve()
         if not smoke.is_file():
             raise reader.fail(f"{key}.smoke", f"no playbook {smoke_name!r} (looked for {smoke})")
+        problem = _playbook_problem(smoke)
+        if problem:
+            raise reader.fail(f"{key}.smoke", f"{smoke}: {problem}")
     interval = item.get("interval", 1)
     if (
         isinstance(interval, bool)

@@ -294,7 +294,7 @@ def test_a_mistake_names_the_file_the_key_and_the_bad_value(
 
 
 def test_rollout_and_health_settings_are_read(tmp_path: Path) -> None:
-    (tmp_path / "smoke.yml").write_text("---\n")
+    (tmp_path / "smoke.yml").write_text("- hosts: all\n  tasks: []\n")
     text = GOOD + (
         "    rollout: {strategy: rolling, max_surge: 25%, max_unavailable: 1}\n"
         "    health: {path: /ready, status: 204, passes: 5, failures: 2, interval: 0.5,"
@@ -309,6 +309,37 @@ def test_rollout_and_health_settings_are_read(tmp_path: Path) -> None:
     assert (env.health.failures, env.health.interval) == (2, 0.5)
     assert env.health.smoke == (tmp_path / "smoke.yml").resolve()
     assert env.port == 18080
+
+
+@pytest.mark.parametrize(
+    ("playbook", "problem"),
+    [
+        ("- hosts: all\n  tasks: [\n", "malformed YAML at line 3"),
+        ("hosts: all\n", "not a playbook: it must be a list of plays"),
+        ("", "not a playbook"),
+        ("- hosts: all\n- name: stray task\n  ansible.builtin.ping:\n", "play 2 is not a play"),
+    ],
+)
+def test_a_smoke_playbook_that_is_no_playbook_is_named(
+    tmp_path: Path, playbook: str, problem: str
+) -> None:
+    (tmp_path / "smoke.yml").write_text(playbook)
+    path = _write(tmp_path, GOOD + "    health: {smoke: smoke.yml}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert caught.value.key == "environments.dev.health.smoke"
+    assert f"{(tmp_path / 'smoke.yml').resolve()}: {problem}" in str(caught.value)
+
+
+def test_a_smoke_playbook_with_vaulted_values_and_imports_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "smoke.yml").write_text(
+        "- ansible.builtin.import_playbook: other.yml\n"
+        "- hosts: all\n  vars:\n    token: !vault |\n      $ANSIBLE_VAULT;1.1;AES256\n"
+        "      6162\n  tasks: []\n"
+    )
+    config.load(_write(tmp_path, GOOD + "    health: {smoke: smoke.yml}\n"))
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
