@@ -197,6 +197,7 @@ def heal(
     failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
     healthy = [n for n in fleet.members if fleet.healthy(n)]
     fleet.serve(healthy)
+    versions = {}
     for member in dead + failing:
         version = registry.find(environment.image, member.version)
         if version is None or version.build_id != member.build_id:
@@ -204,6 +205,7 @@ def heal(
                 f"cannot heal {member.name}: its version {member.version} is no longer in the"
                 f" registry; deploy a version instead (`pipeline deploy {environment.name}`)"
             )
+        versions[member.name] = version
     replaced = []
     if dead:
         # Terraform sees them gone (drift) and creates them again, same name, same version.
@@ -215,9 +217,7 @@ def heal(
     for member in failing:
         # A running VM that fails its check is replaced by a new one before it goes.
         log.warning("drift: %s (%s) fails its health check", member.name, member.version)
-        version = registry.find(environment.image, member.version)
-        assert version is not None
-        [new] = fleet.new_members(version, 1)
+        [new] = fleet.new_members(versions[member.name], 1)
         fleet.converge({**fleet.members, new.name: new})
         fleet.gate([new.name])
         healthy.append(new.name)
