@@ -28,6 +28,7 @@ import pytest
 
 from pipeline.errors import MissingTool, ToolError
 from pipeline.render import render
+from pipeline.stages.fleet import moved_blocks
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseImage
 from pipeline.tools import terraform as tfmod
@@ -362,6 +363,26 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
     [old_record] = qemu.list_vms(vm_fleet.vm_root)
     assert qemu.is_running(old_record)
     assert not tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")).has_changes
+
+    # A state from the count-based configuration of earlier releases (fleet[0]) moves to the
+    # instance's name with the pipeline's `moved` blocks: the VM is kept, not replaced.
+    state_path = tf.workdir / "terraform.tfstate"
+    state = json.loads(state_path.read_text())
+    for resource in state["resources"]:
+        for instance in resource["instances"]:
+            instance["index_key"] = 0
+    state_path.write_text(json.dumps(state))
+    [counted] = tf.state_instances()
+    assert counted["index"] == 0
+    (tf.workdir / "moved.tf").write_text(moved_blocks([counted]))
+    plan = tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1"))
+    assert [(c.action, short(c.name)) for c in plan.changes] == [("no-op", "web-test-a1-0")]
+    tf.apply(plan)
+    (tf.workdir / "moved.tf").unlink()
+    [moved] = tf.state_instances()
+    assert moved["index"] == old["name"]
+    assert qemu.list_vms(vm_fleet.vm_root)[0].pid == old_record.pid
+    assert moved_blocks([moved]) == ""
 
     # Version B beside A: the plan creates B and leaves A alone (the pipeline's wave).
     both = vm_fleet.vars(base_image, "1.0.0", "a1")

@@ -318,18 +318,10 @@ class Fleet:
 
     def _write_moves(self) -> None:
         """Move instances a count-based configuration recorded (fleet[0]) to their names."""
-        moves = [
-            f"moved {{\n  from = pipeline_instance.fleet[{item['index']}]\n"
-            f"  to   = pipeline_instance.fleet[{json.dumps(name)}]\n}}\n"
-            for name, item in self.state.items()
-            if isinstance(item.get("index"), int)
-        ]
+        moves = moved_blocks(list(self.state.values()))
         path = self.tf.workdir / MOVED_FILE
         if moves:
-            write_text_atomic(
-                path,
-                "# Written by the pipeline: state from a count-based fleet.\n" + "".join(moves),
-            )
+            write_text_atomic(path, moves)
             self.log.info("moving %d instance(s) in Terraform's state to keys by name", len(moves))
             self.tf.apply(self.tf.plan(self.variables(self.members)))
         elif path.exists():
@@ -351,6 +343,20 @@ class Fleet:
         if not outcome.ok:
             raise GateFailed(f"smoke test {smoke.name} failed: {outcome.summary}")
         self.log.info("smoke test %s passed on %s", smoke.name, ", ".join(names))
+
+
+def moved_blocks(instances: list[dict[str, Any]]) -> str:
+    """Terraform `moved` blocks from a count-based fleet's state (fleet[0]) to keys by name;
+    "" when no instance in the state is keyed by a number."""
+    moves = [
+        f"moved {{\n  from = pipeline_instance.fleet[{item['index']}]\n"
+        f"  to   = pipeline_instance.fleet[{json.dumps(item['name'])}]\n}}\n"
+        for item in instances
+        if isinstance(item.get("index"), int)
+    ]
+    if not moves:
+        return ""
+    return "# Written by the pipeline: state from a count-based fleet.\n" + "".join(moves)
 
 
 def terraform_for(
