@@ -14,6 +14,7 @@ with a probe on the front door. Takes 15-25 minutes under emulation:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,13 +50,17 @@ class Probe:
                 self.failed += 1
 
 
-def pipeline(root: Path, *args: str) -> dict:
+def pipeline(root: Path, *args: str, timeline: list[str] | None = None) -> dict:
+    """Run a pipeline command; `timeline` gets its log lines, each stamped with the time."""
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", *args, "--json"],
         cwd=root, capture_output=True, text=True, check=False,
+        env={**os.environ, "PIPELINE_LOG_TIMES": "1"},
     )  # fmt: skip
     if done.returncode != 0:
         sys.exit(f"pipeline {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    if timeline is not None:
+        timeline += done.stderr.splitlines()
     return json.loads(done.stdout)
 
 
@@ -112,12 +117,19 @@ def main() -> int:
         probe = Probe(door)
         probe.thread.start()
         started = time.perf_counter()
-        rolled = pipeline(root, "deploy", "bench")
+        timeline: list[str] = []
+        rolled = pipeline(root, "deploy", "bench", timeline=timeline)
         seconds = time.perf_counter() - started
         probe.stop.set()
         probe.thread.join()
         waves = rolled["waves"]
         ratio = seconds / (one * waves)
+        print("the rolling update's log:")
+        for line in timeline:
+            print(f"  {line}")
+        runs = sorted((root / ".pipeline" / "runs").iterdir())
+        booted = ", ".join(f"{s:.1f}" for s in healthy_after(str(runs[-1])))
+        print(f"its instances' boot + first answer (provider): {booted} s")
         print(f"fleet of {SIZE}, max_surge {SURGE}: {waves} waves")
         print(
             f"one instance: boot + health check {one:.1f} s (provider {boot:.1f} s + gate"
