@@ -155,7 +155,7 @@ def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
     inputs = {
         "recipe": RECIPE_VERSION,
         "suite": spec.suite,
-        "sources": _sources(spec.suite),
+        "sources": sources(spec.suite),
         "packages": sorted(set(BASE_PACKAGES) | set(spec.packages)),
         "disk_size": spec.disk_size,
         "files": [RESOLV_CONF, NETWORK_UNIT, HOSTKEYS_UNIT, SSHD_CONFIG, FSTAB],
@@ -235,7 +235,7 @@ def _build(work: Path, spec: BaseSpec, *, public_key: str, fp: str, log_dir: Pat
             "--customize-hook=chroot $1 systemctl enable systemd-networkd",
             spec.suite,
             str(root),
-            *_sources(spec.suite),
+            *sources(spec.suite),
         ],
         what=f"build the {spec.suite} root tree (mmdebstrap)",
         log=log_dir / "base-mmdebstrap.log",
@@ -319,7 +319,8 @@ def _package_versions(root: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
-def _sources(suite: str) -> list[str]:
+def sources(suite: str) -> list[str]:
+    """The archive lines a base of `suite` is built from (and the guest keeps)."""
     # Updates and security fixes too: the guest's apt keeps these sources for later bakes.
     main = "http://deb.debian.org/debian"
     if suite in ("sid", "unstable"):
