@@ -458,13 +458,13 @@ def _image(
             item.get("service_port", 8080), f"{key}.service_port", 1, 65535
         ),
         health_path=reader.string(item.get("health_path", "/healthz"), f"{key}.health_path"),
-        schedule=_schedule(reader, item["schedule"], f"{key}.schedule")
+        schedule=_schedule(reader, item["schedule"], f"{key}.schedule", parent)
         if item.get("schedule") is not None
         else None,
     )
 
 
-def _schedule(reader: _Reader, raw: Any, key: str) -> ScheduleConfig:
+def _schedule(reader: _Reader, raw: Any, key: str, parent: str | None) -> ScheduleConfig:
     allowed = {"cron", "do", "env", "triggers", "pause_after"}
     item = reader.mapping(raw, key, allowed, {"cron"})
     text = reader.string(item["cron"], f"{key}.cron")
@@ -499,6 +499,12 @@ def _schedule(reader: _Reader, raw: Any, key: str) -> ScheduleConfig:
             reader.choice(trigger, where, TRIGGERS)
         if trigger in triggers:
             raise reader.fail(where, f"{trigger} is listed twice")
+        if trigger == "base_packages" and parent is not None:
+            message = (
+                f"base_packages is for an image built on a Debian base; this one is built on"
+                f" image {parent}: give {parent} that trigger, and this one parent_rebuilt"
+            )
+            raise reader.fail(where, message)
         triggers.append(trigger)
 
     pause_after = reader.integer(item.get("pause_after", 3), f"{key}.pause_after", 1, 100)

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline import config
 from pipeline.registry import open_registry
-from pipeline.schedule import triggers
+from pipeline.schedule import engine, triggers
 from pipeline.targets.local import baseimage, basepackages
 
 DEBIAN_VERSION = re.compile(r"^(\d+:)?[0-9][A-Za-z0-9.+~-]*$")
@@ -106,3 +106,53 @@ def test_differences_name_changed_new_and_gone_packages() -> None:
         "c 1 (gone)",
         "d 1 (new)",
     ]
+
+
+def test_a_firing_trigger_makes_the_next_bake_build_the_base_anew(
+    tmp_path: Path, state_dir: Path, resolved: basepackages.Resolution
+) -> None:
+    (tmp_path / "pipeline.yml").write_text(PROJECT)
+    keys = state_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake test\n")
+    spec = baseimage.BaseSpec()
+    cached = baseimage.planned_fingerprint(state_dir, spec)
+    project = dataclasses.replace(config.load(tmp_path / "pipeline.yml"), state_dir=state_dir)
+    registry = open_registry(tmp_path)
+    calls: list[str] = []
+
+    def bake(image: str, schedule: config.ScheduleConfig, config_path: Path) -> str:
+        calls.append(image)
+        return "recorded"
+
+    try:
+        registry.record_base(
+            "debian",
+            fingerprint=str(cached),
+            build_id="b1",
+            path=str(tmp_path / "base1"),
+            manifest={"packages": dict(resolved.packages, libc6="2.36-9+deb12u1")},
+        )
+        [outcome] = engine.tick(
+            project,
+            registry,
+            now=dt.datetime.now(dt.UTC),
+            action=bake,
+        )
+    finally:
+        registry.close()
+    refreshed = baseimage.planned_fingerprint(state_dir, spec)
+    # Asking again for the same versions changes nothing more.
+    baseimage.request_refresh(state_dir, spec, resolved.packages)
+
+    assert outcome.result == "ok"
+    assert calls == ["web"]
+    assert refreshed is not None and refreshed != cached
+    assert baseimage.planned_fingerprint(state_dir, spec) == refreshed
+    # Another base (other packages) is not refreshed by it.
+    other = baseimage.BaseSpec(packages=("vim",))
+    assert baseimage.planned_fingerprint(state_dir, other) == baseimage.fingerprint(
+        other,
+        public_key=(keys / "id_ed25519.pub").read_text(),
+        tool_version=baseimage.mmdebstrap_version(state_dir),
+    )

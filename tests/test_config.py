@@ -616,6 +616,26 @@ def test_a_schedule_mistake_names_the_file_and_the_key(
     assert message in str(caught.value)
 
 
+def test_base_packages_is_refused_for_an_image_built_on_another(tmp_path: Path) -> None:
+    text = (
+        "images:\n"
+        "  web:\n    version: 1.0.0\n    roles: [base]\n"
+        "  api:\n    version: 1.0.0\n    roles: [base]\n    base: web\n"
+        "    schedule: {cron: '0 3 * * *', triggers: [parent_rebuilt, base_packages]}\n"
+        "environments: {}\n"
+    )
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value) == (
+        f"{path}: images.api.schedule.triggers[1]: base_packages is for an image built on a"
+        " Debian base; this one is built on image web: give web that trigger, and this one"
+        " parent_rebuilt"
+    )
+
+
 def test_a_scheduled_run_goes_to_an_environment_of_its_own_image(tmp_path: Path) -> None:
     text = _scheduled("{cron: '* * * * *', do: run, env: other}") + (
         "  other:\n    image: api\n"

@@ -32,7 +32,7 @@ from pipeline.files import write_json_atomic
 from pipeline.log import context
 from pipeline.registry import Registry
 from pipeline.schedule import triggers as triggers_mod
-from pipeline.targets.local import basepackages
+from pipeline.targets.local import baseimage, basepackages
 
 # An action: (image, its schedule, the pipeline.yml path) -> one line saying what it did.
 Action = Callable[[str, ScheduleConfig, Path], str]
@@ -182,6 +182,8 @@ def _run_slot(
             return Outcome(image.name, slot, "nothing", reason, missed)
         for verdict in fired:
             log.info("trigger %s fired: %s", verdict.trigger, verdict.reason)
+            if verdict.packages is not None:
+                _refresh_base(config, image, verdict.packages)
 
         log.info("%s %s", schedule.do, image.name + (f" to {schedule.env}" if schedule.env else ""))
         done = action(image.name, schedule, config.path)
@@ -204,6 +206,17 @@ def _run_slot(
     log.info("done: %s", done)
     _record(config.state_dir, image.name, "ok", reason, now, failures=0)
     return Outcome(image.name, slot, "ok", reason, missed)
+
+
+def _refresh_base(config: Config, image: ImageConfig, packages: dict[str, str]) -> None:
+    """Make the next bake build the base anew: a cached one has the old packages."""
+    spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
+    token = baseimage.request_refresh(config.state_dir, spec, packages)
+    context(image.name, "schedule").info(
+        "base %s will be built anew from the archive's packages (refresh %s)",
+        image.base.name,
+        token,
+    )
 
 
 def _failed(

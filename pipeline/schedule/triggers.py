@@ -23,6 +23,8 @@ class Verdict:
     trigger: str
     fired: bool
     reason: str
+    # base_packages: the versions the archive offers now (what a refreshed base would get).
+    packages: dict[str, str] | None = None
 
 
 # Resolves the package versions a new base would get (the real archive, unless a test says).
@@ -109,7 +111,7 @@ def base_packages(
         return Verdict("base_packages", False, reason)
     shown = ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
     reason = f"base packages updated: {len(changes)} differ from {current.label}'s: {shown}"
-    return Verdict("base_packages", True, reason)
+    return Verdict("base_packages", True, reason, resolution.packages)
 
 
 def _days(age: dt.timedelta) -> str:
