@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -311,22 +312,7 @@ def test_a_due_slot_with_no_trigger_firing_does_nothing_and_says_why(
     project.write_text(
         project_text("{cron: '0 3 * * *', triggers: [parent_rebuilt, {max_age_days: 7}]}")
     )
-    registry = open_registry(tmp_path / ".pipeline")
-    try:
-        registry.record_base("debian", fingerprint="f", build_id="b", path="/nowhere", manifest={})
-        version = registry.add(
-            "web",
-            "1.0.0",
-            build_id="b1",
-            fingerprint="fp",
-            state="verified",
-            path=str(tmp_path / "web"),
-            parent=("debian", "1.0.0"),
-        )
-    finally:
-        registry.close()
-    # Two days after the version was recorded.
-    now = dt.datetime.fromisoformat(version.created_at) + dt.timedelta(days=2)
+    now = _versions(project) + dt.timedelta(days=2)
 
     outcome = tick(project, now, action)
 
@@ -429,3 +415,72 @@ def test_the_default_action_is_the_librarys(tmp_path: Path) -> None:
     import inspect
 
     assert inspect.signature(engine.tick).parameters["action"].default is engine.perform
+
+
+def _versions(project: Path) -> dt.datetime:
+    """Records base debian 1.0.0 and web 1.0.0 built on it; returns when web's was made."""
+    registry = open_registry(project.parent / ".pipeline")
+    try:
+        registry.record_base("debian", fingerprint="f1", build_id="b", path="/nowhere", manifest={})
+        version = registry.add(
+            "web",
+            "1.0.0",
+            build_id="b1",
+            fingerprint="fp",
+            state="verified",
+            path=str(project.parent / "web"),
+            parent=("debian", "1.0.0"),
+        )
+        return dt.datetime.fromisoformat(version.created_at)
+    finally:
+        registry.close()
+
+
+def test_a_newer_parent_fires_parent_rebuilt(tmp_path: Path, action: Recorder) -> None:
+    project = tmp_path / "pipeline.yml"
+    project.write_text(project_text("{cron: '0 3 * * *', triggers: [parent_rebuilt]}"))
+    created = _versions(project)
+    quiet = tick(project, created + dt.timedelta(hours=1), action)
+    registry = open_registry(tmp_path / ".pipeline")
+    try:
+        registry.record_base("debian", fingerprint="f2", build_id="c", path="/else", manifest={})
+    finally:
+        registry.close()
+
+    fired = tick(project, created + dt.timedelta(days=1, hours=1), action)
+
+    assert quiet["result"] == "nothing"
+    assert fired["result"] == "ok"
+    assert fired["reason"] == (
+        "parent rebuilt: web 1.0.0 is built on debian 1.0.0; debian 1.0.1 is newer"
+        " -> baked web (recorded)"
+    )
+    assert len(action.calls) == 1
+
+
+def test_an_old_version_fires_max_age(tmp_path: Path, action: Recorder) -> None:
+    project = tmp_path / "pipeline.yml"
+    project.write_text(project_text("{cron: '0 3 * * *', triggers: [{max_age_days: 7}]}"))
+    created = _versions(project)
+
+    outcome = tick(project, created + dt.timedelta(days=9, hours=12), action)
+
+    assert outcome["result"] == "ok"
+    assert outcome["reason"] == (
+        "max age: web 1.0.0 is 9.5 days old (more than 7 days) -> baked web (recorded)"
+    )
+
+
+def test_changed_inputs_fire_with_the_reasons_plan_gives(tmp_path: Path, action: Recorder) -> None:
+    for folder in ("templates", "roles"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    project = tmp_path / "pipeline.yml"
+    project.write_text(project_text("{cron: '0 3 * * *', triggers: [inputs_changed]}"))
+
+    outcome = tick(project, at("2026-05-01 03:00:00"), action)
+
+    assert outcome["result"] == "ok"
+    assert outcome["reason"] == (
+        "inputs changed: base debian would get a new version (built from packages);"
+        " no version yet -> baked web (recorded)"
+    )
