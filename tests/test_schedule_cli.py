@@ -83,9 +83,18 @@ def test_a_tick_whose_trigger_does_not_fire_does_nothing_and_list_shows_it(
     assert not (project / ".pipeline" / "images").exists()
 
 
-def test_a_firing_trigger_runs_the_real_bake_whose_failure_is_recorded(tmp_path: Path) -> None:
-    # No roles folder: the library's bake stops at once, before any VM work.
+@pytest.mark.parametrize(
+    ("do", "kind"),
+    [("", "bake"), ("      do: verify\n", "bake"), ("      do: run\n      env: dev\n", "run")],
+    ids=["bake", "verify", "run"],
+)
+def test_a_firing_trigger_runs_the_librarys_action_whose_failure_is_recorded(
+    tmp_path: Path, do: str, kind: str
+) -> None:
+    # No roles folder: the library's bake (alone or in a run) stops before any VM work.
     project = make_project(tmp_path, "{max_age_days: 7}", with_roles=False)
+    path = project / "pipeline.yml"
+    path.write_text(path.read_text().replace("    schedule:\n", "    schedule:\n" + do))
 
     ticked = pipeline("schedule", "tick", "--json", cwd=project)
     listed = pipeline("schedule", "list", "--json", cwd=project)
@@ -93,16 +102,17 @@ def test_a_firing_trigger_runs_the_real_bake_whose_failure_is_recorded(tmp_path:
     assert ticked.returncode == 0, ticked.stderr
     [outcome] = json.loads(ticked.stdout)
     assert outcome["result"] == "failed"
-    assert outcome["reason"].startswith(f"{project / 'pipeline.yml'}: images.web.roles[0]: role")
+    assert outcome["reason"].startswith(f"{path}: images.web.roles[0]: role 'base' does not exist")
     assert (
         "[web > schedule] trigger max_age_days fired: max age: web has no usable version yet"
-        in (ticked.stderr)
+        in ticked.stderr
     )
     [item] = json.loads(listed.stdout)
     assert (item["last_result"], item["failures"], item["paused"]) == ("failed", 1, False)
-    # The bake got its run folder, recorded as failed.
+    # The library's bake or run got its run folder, recorded as failed.
     [run] = list((project / ".pipeline" / "runs").iterdir())
-    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    status = json.loads((run / "status.json").read_text())
+    assert (status["kind"], status["state"]) == (kind, "failed")
 
 
 def test_install_writes_a_timer_and_a_service_that_tick_this_project(tmp_path: Path) -> None:
