@@ -484,3 +484,60 @@ def test_changed_inputs_fire_with_the_reasons_plan_gives(tmp_path: Path, action:
         "inputs changed: base debian would get a new version (built from packages);"
         " no version yet -> baked web (recorded)"
     )
+
+
+# Another machine's scheduler in the middle of a run of web: holds its advisory lock on the
+# registry until stdin closes or the process is killed.
+OTHER_MACHINE = """\
+import sys
+from pathlib import Path
+from pipeline.registry import open_registry
+from pipeline.schedule import engine
+
+registry = open_registry(Path(sys.argv[1]), sys.argv[2])
+with engine.across_machines(registry, "web"):
+    pid = registry.backend.query("SELECT pg_backend_pid() AS pid")[0]["pid"]
+    print(f"held {pid}", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_machines_sharing_a_postgresql_registry_run_an_image_one_at_a_time(
+    tmp_path: Path, action: Recorder, postgres_db_url: str
+) -> None:
+    project = tmp_path / "pipeline.yml"
+    project.write_text(f"registry: {postgres_db_url}\n" + project_text(DAILY))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_MACHINE, str(tmp_path / "elsewhere"), postgres_db_url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert other.stdout is not None
+        word, backend = other.stdout.readline().split()
+        assert word == "held"
+        skipped = tick(project, at("2026-05-01 03:00:00"), action)
+    finally:
+        # That machine dies: its connection goes, and the server drops its lock.
+        other.kill()
+        other.wait()
+    _wait_until_the_server_ends(postgres_db_url, int(backend))
+    ran = tick(project, at("2026-05-02 03:00:00"), action)
+
+    assert skipped["result"] == "skipped"
+    assert (
+        "another machine's scheduler runs web (advisory lock on the registry" in (skipped["reason"])
+    )
+    assert (ran["result"], len(action.calls)) == ("ok", 1)
+
+
+def _wait_until_the_server_ends(url: str, backend: int) -> None:
+    """The server ends a dead client's session on its own, a moment later; this waits for it
+    (up to 10 s) so the next tick does not race it."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("SELECT pg_terminate_backend(%s, 10000)", (backend,))

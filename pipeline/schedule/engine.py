@@ -14,13 +14,17 @@ What each schedule did last is kept in `<state_dir>/schedules/<image>.json`, wri
 temporary name and renamed, changed only under a short lock so concurrent ticks never lose each
 other's records. A run holds the lock `schedule-<image>` while it goes; a run whose process
 died leaves the lock free (the kernel drops it) and is recorded as failed by the next tick.
+With a PostgreSQL registry a run also holds an advisory lock on it, so that machines sharing
+the registry do not run the same image's schedule at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from pipeline.config import Config, ImageConfig, ScheduleConfig
 from pipeline.errors import ConfigError, LockHeld, PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.log import context
-from pipeline.registry import Registry
+from pipeline.registry import Registry, redact
 from pipeline.schedule import triggers as triggers_mod
 from pipeline.targets.local import baseimage, basepackages
 
@@ -149,13 +153,38 @@ def _tick_image(
         return _skipped(state_dir, image.name, slot, now, holder, missed)
 
     try:
-        with locks.hold(state_dir, f"schedule-{image.name}", build_id=f"schedule {slot}"):
+        with (
+            locks.hold(state_dir, f"schedule-{image.name}", build_id=f"schedule {slot}"),
+            across_machines(registry, image.name),
+        ):
             if not _claim(state_dir, image.name, slot, now):
                 return Outcome(image.name, None, "due-later", f"slot {slot} handled by another")
             log.info("slot %s is due (%s)", slot, schedule.cron)
             return _run_slot(config, registry, image, slot, missed, now, action, resolve)
     except LockHeld as exc:
         return _skipped(state_dir, image.name, slot, now, str(exc), missed)
+
+
+@contextlib.contextmanager
+def across_machines(registry: Registry, image: str) -> Iterator[None]:
+    """With a PostgreSQL registry, one scheduled run of `image` at a time among all machines
+    sharing it: a session advisory lock, which the server drops if our connection dies."""
+    if registry.backend.name != "postgresql":
+        yield
+        return
+    digest = hashlib.sha256(f"pipeline schedule {image}".encode()).digest()
+    key = int.from_bytes(digest[:7], "big")  # a positive bigint
+    rows = registry.backend.query("SELECT pg_try_advisory_lock(?) AS held", (key,))
+    if not rows[0]["held"]:
+        message = (
+            f"another machine's scheduler runs {image} (advisory lock on the registry"
+            f" {redact(registry.url)})"
+        )
+        raise LockHeld(message)
+    try:
+        yield
+    finally:
+        registry.backend.query("SELECT pg_advisory_unlock(?)", (key,))
 
 
 def _run_slot(
