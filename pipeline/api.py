@@ -694,6 +694,127 @@ def _describe_all(registry: Registry, versions: list[ImageVersion]) -> list[dict
     return described
 
 
+# How long `schedule run` sleeps at most before it looks at the clock again: a machine that
+# was suspended wakes to a clock far ahead, and pipeline.yml may have changed meanwhile.
+SCHEDULE_NAP = 60.0
+
+
+def schedule_list(
+    *, now: dt.datetime | None = None, config_path: Path | str | None = None
+) -> list[dict[str, Any]]:
+    """Each image's schedule: cron, action, triggers, next slot (UTC), last result, paused."""
+    from pipeline.schedule import engine
+
+    config = config_mod.load(config_path)
+    return engine.describe(config, now=now or dt.datetime.now(dt.UTC))
+
+
+def schedule_tick(
+    *,
+    now: dt.datetime | None = None,
+    action: Any = None,
+    config_path: Path | str | None = None,
+) -> list[dict[str, Any]]:
+    """Handle every schedule's due slot once (what the timer calls every minute).
+
+    `action` replaces the real bake/verify/run (tests); `now` the clock.
+    """
+    from pipeline.schedule import engine
+
+    with _project(config_path) as (config, registry):
+        outcomes = engine.tick(
+            config,
+            registry,
+            now=now or dt.datetime.now(dt.UTC),
+            action=action or engine.perform,
+        )
+        return [dataclasses.asdict(outcome) for outcome in outcomes]
+
+
+def schedule_run(
+    *,
+    clock: Any = None,
+    sleep: Any = time.sleep,
+    action: Any = None,
+    config_path: Path | str | None = None,
+) -> None:
+    """Tick, then sleep until the next slot, until interrupted (KeyboardInterrupt goes up).
+
+    pipeline.yml is read again at every tick; a mistake in it found after the start is logged
+    and tried again a minute later rather than ending the scheduler.
+    """
+    from pipeline.schedule import engine
+
+    now_of = clock or (lambda: dt.datetime.now(dt.UTC))
+    log = context("scheduler", "run")
+    first = True
+    while True:
+        try:
+            schedule_tick(now=now_of(), action=action, config_path=config_path)
+            config = config_mod.load(config_path)
+            wake = engine.next_wakeup(config, now=now_of())
+            if first and wake is None:
+                raise UsageError(f"no image in {config.path} has a schedule: nothing to run")
+        except PipelineError as exc:
+            if first:
+                raise
+            log.error("%s; trying again in %.0f s", exc, SCHEDULE_NAP)
+            wake = None
+        first = False
+        pause = SCHEDULE_NAP
+        if wake is not None:
+            pause = min(max((wake - now_of()).total_seconds(), 0.0), SCHEDULE_NAP)
+            log.debug("next slot %s", engine.format_slot(wake))
+        sleep(pause)
+
+
+def schedule_install(
+    *,
+    directory: Path | str | None = None,
+    crontab: bool = False,
+    config_path: Path | str | None = None,
+) -> dict[str, Any]:
+    """Write the systemd timer and service (or a crontab line) that tick the scheduler.
+
+    Nothing is enabled: the result says how to.
+    """
+    from pipeline.schedule import units
+
+    config = config_mod.load(config_path)
+    if not any(image.schedule for image in config.images.values()):
+        raise UsageError(f"no image in {config.path} has a schedule; add one before installing")
+    folder = Path(directory).resolve() if directory is not None else None
+    written = units.install(config, directory=folder, crontab=crontab)
+    if crontab:
+        how = "add the line to your crontab: crontab -e"
+        if written:
+            how = f"(crontab -l 2>/dev/null; cat {written[0]}) | crontab -"
+    else:
+        unit_dir = folder or units.user_unit_dir()
+        how = f"systemctl --user daemon-reload && systemctl --user enable --now {units.TIMER}"
+        if folder is not None and folder != units.user_unit_dir():
+            how = (
+                f"systemctl --user link {unit_dir / units.SERVICE} {unit_dir / units.TIMER}"
+                f" && {how}"
+            )
+    return {
+        "written": [str(path) for path in written],
+        "crontab": units.crontab_line(config) if crontab else None,
+        "enable": how,
+    }
+
+
+def schedule_resume(image: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """Unpause `image`'s schedule and forget its failures."""
+    from pipeline.schedule import engine
+
+    config = config_mod.load(config_path)
+    if config.image(image).schedule is None:
+        raise UsageError(f"image {image} has no schedule in {config.path.name}")
+    state = engine.resume(config.state_dir, image)
+    return {"image": image, **dataclasses.asdict(state)}
+
+
 def parse_time(text: str) -> str:
     """A time given on the command line (ISO 8601; without a zone it is UTC), as stored."""
     try:

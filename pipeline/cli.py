@@ -208,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     q = images_action("tree", "the lineage: bases -> image versions, with channels", _cmd_tree)
     q.add_argument("image", nargs="?", help="only this image's versions and their ancestors")
     q.add_argument("--output", metavar="FILE.svg", help="also draw the lineage into an SVG file")
+
+    p = command("schedule", "scheduled rebuilds: list, tick, run, install, resume", _no_action)
+    schedule = p.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    q = add(schedule, "list", "each schedule: cron, next slot (UTC), last result", _cmd_sched_list)
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q = add(schedule, "tick", "run every due slot once, now (what the timer calls)", _cmd_tick)
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    add(schedule, "run", "the scheduler in the foreground, for a service manager", _cmd_sched_run)
+    q = add(
+        schedule,
+        "install",
+        "write a systemd timer and service (or a crontab line) that tick every minute",
+        _cmd_sched_install,
+    )
+    q.add_argument(
+        "--crontab", action="store_true", help="print a crontab line instead of systemd units"
+    )
+    q.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="write the files here (default: ~/.config/systemd/user; with --crontab: only print)",
+    )
+    q = add(schedule, "resume", "unpause a schedule paused by failures", _cmd_sched_resume)
+    q.add_argument("image")
     return parser
 
 
@@ -527,6 +551,60 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         show(by_id[root], "", True, 0)
     if result["output"]:
         print(f"picture written to {result['output']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sched_list(args: argparse.Namespace) -> int:
+    schedules = api.schedule_list(config_path=args.config)
+    if args.json:
+        _print_json(schedules)
+        return 0
+    if not schedules:
+        print("no image has a schedule")
+        return 0
+    print(f"{'IMAGE':<14} {'CRON':<16} {'DO':<10} {'NEXT SLOT (UTC)':<21} LAST")
+    for item in schedules:
+        do = item["do"] + (f" {item['env']}" if item["env"] else "")
+        last = "never run"
+        if item["last_result"]:
+            last = f"{item['last_slot']} {item['last_result']}: {item['last_reason']}"
+        if item["running"]:
+            last += f" (running: {item['running']})"
+        if item["paused"]:
+            last = f"PAUSED after {item['failures']} failures in a row; last: {last}"
+        print(f"{item['image']:<14} {item['cron']:<16} {do:<10} {item['next_slot']:<21} {last}")
+    return 0
+
+
+def _cmd_tick(args: argparse.Namespace) -> int:
+    outcomes = api.schedule_tick(config_path=args.config)
+    if args.json:
+        _print_json(outcomes)
+        return 0
+    for item in outcomes:
+        slot = item["slot"] or "-"
+        print(f"{item['image']:<14} {slot:<21} {item['result']:<10} {item['reason']}")
+    return 0
+
+
+def _cmd_sched_run(args: argparse.Namespace) -> int:
+    api.schedule_run(config_path=args.config)
+    return 0
+
+
+def _cmd_sched_install(args: argparse.Namespace) -> int:
+    result = api.schedule_install(directory=args.dir, crontab=args.crontab, config_path=args.config)
+    if result["crontab"]:
+        print(result["crontab"])
+    for path in result["written"]:
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"to enable it: {result['enable']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sched_resume(args: argparse.Namespace) -> int:
+    state = api.schedule_resume(args.image, config_path=args.config)
+    print(f"schedule of {state['image']} resumed; its next due slot runs")
     return 0
 
 

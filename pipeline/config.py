@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import cron
 from pipeline.errors import ConfigError, UsageError
 
 CONFIG_NAME = "pipeline.yml"
@@ -38,6 +39,9 @@ BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
 DEFAULT_BASE = "debian"
 REGISTRY_URL = re.compile(r"^(sqlite:///.+|postgres(ql)?://.+)$")
 MAX_IMAGE_AND_ENVIRONMENT = 28
+# What a schedule does when due: bake; bake then verify; or the whole run to an environment.
+SCHEDULE_ACTIONS = ("bake", "verify", "run")
+TRIGGERS = ("inputs_changed", "base_packages", "parent_rebuilt", "max_age_days")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,22 @@ class BaseConfig:
     name: str = DEFAULT_BASE
     suite: str = "bookworm"
     packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When an image is rebuilt on its own (a cron expression in UTC), what is done, and the
+    triggers of which at least one must fire for a due slot to do anything."""
+
+    cron: str
+    do: str = "bake"
+    # The environment a `do: run` rolls out to.
+    env: str | None = None
+    triggers: tuple[str, ...] = ("inputs_changed",)
+    # For the max_age_days trigger: days the newest version may reach before a rebuild.
+    max_age_days: int | None = None
+    # Consecutive failed runs after which the schedule pauses itself.
+    pause_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class ImageConfig:
     bump_on: dict[str, str] = field(default_factory=dict)
     service_port: int = 8080
     health_path: str = "/healthz"
+    schedule: ScheduleConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +342,8 @@ def parse(data: Any, path: Path) -> Config:
     for name, raw in envs_raw.items():
         reader.string(name, f"environments.{name}", NAME)
         environments[name] = _environment(reader, name, raw, images)
+    for image in images.values():
+        _check_schedule_env(reader, image, environments)
     terraform = reader.string(top.get("terraform", "embedded"), "terraform")
     registry = None
     if top.get("registry") is not None:
@@ -380,6 +403,7 @@ def _image(
         "bump",
         "service_port",
         "health_path",
+        "schedule",
     }
     item = reader.mapping(raw, key, allowed, {"version", "roles"})
     version = reader.string(item["version"], f"{key}.version")
@@ -434,7 +458,81 @@ def _image(
             item.get("service_port", 8080), f"{key}.service_port", 1, 65535
         ),
         health_path=reader.string(item.get("health_path", "/healthz"), f"{key}.health_path"),
+        schedule=_schedule(reader, item["schedule"], f"{key}.schedule", parent)
+        if item.get("schedule") is not None
+        else None,
     )
+
+
+def _schedule(reader: _Reader, raw: Any, key: str, parent: str | None) -> ScheduleConfig:
+    allowed = {"cron", "do", "env", "triggers", "pause_after"}
+    item = reader.mapping(raw, key, allowed, {"cron"})
+    text = reader.string(item["cron"], f"{key}.cron")
+    try:
+        cron.parse(text)
+    except cron.CronError as exc:
+        raise reader.fail(f"{key}.cron", str(exc)) from None
+    do = reader.choice(item.get("do", "bake"), f"{key}.do", SCHEDULE_ACTIONS)
+    env = None
+    if item.get("env") is not None:
+        env = reader.string(item["env"], f"{key}.env", NAME)
+    if do == "run" and env is None:
+        raise reader.fail(f"{key}.env", "is required with do: run (the environment to run to)")
+    if do != "run" and env is not None:
+        raise reader.fail(f"{key}.env", f"belongs to do: run, not do: {do}")
+
+    raw_triggers = item.get("triggers", ["inputs_changed"])
+    if not isinstance(raw_triggers, list) or not raw_triggers:
+        message = f"must list at least one trigger, got {_kind(raw_triggers)} {raw_triggers!r}"
+        raise reader.fail(f"{key}.triggers", message)
+    triggers: list[str] = []
+    max_age = None
+    for index, trigger in enumerate(raw_triggers):
+        where = f"{key}.triggers[{index}]"
+        if isinstance(trigger, dict):
+            reader.mapping(trigger, where, {"max_age_days"}, {"max_age_days"})
+            max_age = reader.integer(trigger["max_age_days"], f"{where}.max_age_days", 1, 3650)
+            trigger = "max_age_days"
+        elif trigger == "max_age_days":
+            raise reader.fail(where, "max_age_days needs a number of days: {max_age_days: 7}")
+        else:
+            reader.choice(trigger, where, TRIGGERS)
+        if trigger in triggers:
+            raise reader.fail(where, f"{trigger} is listed twice")
+        if trigger == "base_packages" and parent is not None:
+            message = (
+                f"base_packages is for an image built on a Debian base; this one is built on"
+                f" image {parent}: give {parent} that trigger, and this one parent_rebuilt"
+            )
+            raise reader.fail(where, message)
+        triggers.append(trigger)
+
+    pause_after = reader.integer(item.get("pause_after", 3), f"{key}.pause_after", 1, 100)
+    return ScheduleConfig(
+        cron=text,
+        do=do,
+        env=env,
+        triggers=tuple(triggers),
+        max_age_days=max_age,
+        pause_after=pause_after,
+    )
+
+
+def _check_schedule_env(
+    reader: _Reader, image: ImageConfig, environments: dict[str, EnvironmentConfig]
+) -> None:
+    """A scheduled `run` goes to an environment declared here that runs this image."""
+    if image.schedule is None or image.schedule.env is None:
+        return
+    key = f"images.{image.name}.schedule.env"
+    env = environments.get(image.schedule.env)
+    if env is None:
+        known = ", ".join(sorted(environments)) or "none"
+        message = f"{image.schedule.env!r} is not an environment declared here ({known})"
+        raise reader.fail(key, message)
+    if env.image != image.name:
+        message = f"environment {env.name!r} runs image {env.image!r}, not {image.name!r}"
+        raise reader.fail(key, message)
 
 
 def _environment(

@@ -489,3 +489,165 @@ def test_a_wrong_parent_image_is_named(
         config.load(path)
 
     assert str(caught.value) == f"{path}: {key}: {message}"
+
+
+def _scheduled(schedule: str) -> str:
+    """GOOD with `schedule:` (YAML flow text) under image web."""
+    roles = "    roles: [base, webservice]\n"
+    return GOOD.replace(roles, roles + f"    schedule: {schedule}\n")
+
+
+def test_a_schedule_is_read_with_its_triggers_and_defaults(tmp_path: Path) -> None:
+    text = _scheduled(
+        "{cron: '0 3 * * *', do: run, env: dev, pause_after: 2,"
+        " triggers: [inputs_changed, base_packages, parent_rebuilt, {max_age_days: 7}]}"
+    )
+
+    web = config.load(_write(tmp_path, text)).image("web")
+    plain = config.load(_write(tmp_path, _scheduled("{cron: '*/5 * * * *'}"))).image("web")
+
+    assert web.schedule == config.ScheduleConfig(
+        cron="0 3 * * *",
+        do="run",
+        env="dev",
+        triggers=("inputs_changed", "base_packages", "parent_rebuilt", "max_age_days"),
+        max_age_days=7,
+        pause_after=2,
+    )
+    assert plain.schedule == config.ScheduleConfig(cron="*/5 * * * *")
+    assert (plain.schedule.do, plain.schedule.triggers) == ("bake", ("inputs_changed",))
+    assert config.load(_write(tmp_path, GOOD)).image("web").schedule is None
+
+
+SCHEDULE_BAD = [
+    ("no-cron", "{do: bake}", "images.web.schedule.cron", "is required"),
+    ("cron-4-fields", "{cron: '0 3 * *'}", "images.web.schedule.cron", "has 4 field(s)"),
+    (
+        "cron-hour-25",
+        "{cron: '0 25 * * *'}",
+        "images.web.schedule.cron",
+        "hour field '25': 25 is out of range (0-23)",
+    ),
+    (
+        "cron-never",
+        "{cron: '0 0 31 feb *'}",
+        "images.web.schedule.cron",
+        "never comes: no day 31 in feb",
+    ),
+    (
+        "unknown-action",
+        "{cron: '* * * * *', do: deploy}",
+        "images.web.schedule.do",
+        "'deploy' is not one of: bake, verify, run",
+    ),
+    (
+        "run-without-env",
+        "{cron: '* * * * *', do: run}",
+        "images.web.schedule.env",
+        "is required with do: run",
+    ),
+    (
+        "env-without-run",
+        "{cron: '* * * * *', env: dev}",
+        "images.web.schedule.env",
+        "belongs to do: run, not do: bake",
+    ),
+    (
+        "unknown-env",
+        "{cron: '* * * * *', do: run, env: prod}",
+        "images.web.schedule.env",
+        "'prod' is not an environment declared here (dev)",
+    ),
+    (
+        "unknown-trigger",
+        "{cron: '* * * * *', triggers: [inputs_changed, moon_phase]}",
+        "images.web.schedule.triggers[1]",
+        "'moon_phase' is not one of: inputs_changed, base_packages",
+    ),
+    (
+        "no-triggers",
+        "{cron: '* * * * *', triggers: []}",
+        "images.web.schedule.triggers",
+        "must list at least one trigger, got a list []",
+    ),
+    (
+        "max-age-without-days",
+        "{cron: '* * * * *', triggers: [max_age_days]}",
+        "images.web.schedule.triggers[0]",
+        "max_age_days needs a number of days",
+    ),
+    (
+        "max-age-zero",
+        "{cron: '* * * * *', triggers: [{max_age_days: 0}]}",
+        "images.web.schedule.triggers[0].max_age_days",
+        "0 is out of range (1 to 3650)",
+    ),
+    (
+        "trigger-twice",
+        "{cron: '* * * * *', triggers: [parent_rebuilt, parent_rebuilt]}",
+        "images.web.schedule.triggers[1]",
+        "parent_rebuilt is listed twice",
+    ),
+    (
+        "pause-after-string",
+        "{cron: '* * * * *', pause_after: three}",
+        "images.web.schedule.pause_after",
+        "a string 'three'",
+    ),
+    ("unknown-key", "{cron: '* * * * *', at: noon}", "images.web.schedule.at", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key", "message"),
+    [case[1:] for case in SCHEDULE_BAD],
+    ids=[case[0] for case in SCHEDULE_BAD],
+)
+def test_a_schedule_mistake_names_the_file_and_the_key(
+    tmp_path: Path, schedule: str, key: str, message: str
+) -> None:
+    path = _write(tmp_path, _scheduled(schedule))
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+    assert message in str(caught.value)
+
+
+def test_base_packages_is_refused_for_an_image_built_on_another(tmp_path: Path) -> None:
+    text = (
+        "images:\n"
+        "  web:\n    version: 1.0.0\n    roles: [base]\n"
+        "  api:\n    version: 1.0.0\n    roles: [base]\n    base: web\n"
+        "    schedule: {cron: '0 3 * * *', triggers: [parent_rebuilt, base_packages]}\n"
+        "environments: {}\n"
+    )
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value) == (
+        f"{path}: images.api.schedule.triggers[1]: base_packages is for an image built on a"
+        " Debian base; this one is built on image web: give web that trigger, and this one"
+        " parent_rebuilt"
+    )
+
+
+def test_a_scheduled_run_goes_to_an_environment_of_its_own_image(tmp_path: Path) -> None:
+    text = _scheduled("{cron: '* * * * *', do: run, env: other}") + (
+        "  other:\n    image: api\n"
+    ).replace("environments:\n", "")
+    text = text.replace(
+        "environments:\n", "  api:\n    version: 1.0.0\n    roles: [base]\nenvironments:\n"
+    )
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value) == (
+        f"{path}: images.web.schedule.env: environment 'other' runs image 'api', not 'web'"
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ToolError
-from pipeline.files import write_json_atomic
+from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.log import context
 from pipeline.tools.process import run
 from pipeline.tools.versions import binary_version
@@ -150,12 +150,13 @@ def mmdebstrap_version(state_dir: Path) -> str:
     return binary_version(state_dir, "mmdebstrap", ("--version",))
 
 
-def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
-    """Hash every input of a base image: suite, packages, recipe, key and builder version."""
+def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str, refresh: str = "") -> str:
+    """Hash every input of a base image: suite, packages, recipe, key and builder version, and
+    the package versions a refresh asked for (see request_refresh)."""
     inputs = {
         "recipe": RECIPE_VERSION,
         "suite": spec.suite,
-        "sources": _sources(spec.suite),
+        "sources": sources(spec.suite),
         "packages": sorted(set(BASE_PACKAGES) | set(spec.packages)),
         "disk_size": spec.disk_size,
         "files": [RESOLV_CONF, NETWORK_UNIT, HOSTKEYS_UNIT, SSHD_CONFIG, FSTAB],
@@ -163,6 +164,9 @@ def fingerprint(spec: BaseSpec, *, public_key: str, tool_version: str) -> str:
         "public_key": public_key.strip(),
         "mmdebstrap": tool_version,
     }
+    if refresh:
+        # Only when asked: the fingerprints of bases never refreshed stay as they were.
+        inputs["refresh"] = refresh
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -174,15 +178,46 @@ def planned_fingerprint(state_dir: Path, spec: BaseSpec) -> str | None:
     if not public.is_file():
         return None
     return fingerprint(
-        spec, public_key=public.read_text(), tool_version=mmdebstrap_version(state_dir)
+        spec,
+        public_key=public.read_text(),
+        tool_version=mmdebstrap_version(state_dir),
+        refresh=_refresh_token(state_dir, spec),
     )
+
+
+def request_refresh(state_dir: Path, spec: BaseSpec, packages: dict[str, str]) -> str:
+    """Ask for a base built anew because the archive has other package versions.
+
+    The package names of a base are among its inputs, their versions are not (they are only
+    known once it is built), so a cached base would be reused forever. This records a hash of
+    the versions the archive offers now; it becomes an input of the base's fingerprint, and the
+    next bake builds a new base (and the images on it get a new version).
+    """
+    token = hashlib.sha256(json.dumps(packages, sort_keys=True).encode()).hexdigest()[:16]
+    write_text_atomic(_refresh_path(state_dir, spec), token + "\n")
+    return token
+
+
+def _refresh_path(state_dir: Path, spec: BaseSpec) -> Path:
+    key = json.dumps([spec.suite, sorted(set(BASE_PACKAGES) | set(spec.packages)), spec.disk_size])
+    return state_dir / "base-refresh" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _refresh_token(state_dir: Path, spec: BaseSpec) -> str:
+    path = _refresh_path(state_dir, spec)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
 
 def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
     """Return the cached base image for `spec`, building it first if it is not there."""
     key = ssh_key(state_dir)
     public_key = key.with_suffix(".pub").read_text()
-    fp = fingerprint(spec, public_key=public_key, tool_version=mmdebstrap_version(state_dir))
+    fp = fingerprint(
+        spec,
+        public_key=public_key,
+        tool_version=mmdebstrap_version(state_dir),
+        refresh=_refresh_token(state_dir, spec),
+    )
     final = state_dir / "base" / fp
     if (final / "manifest.json").exists():
         return _load(final)
@@ -235,7 +270,7 @@ def _build(work: Path, spec: BaseSpec, *, public_key: str, fp: str, log_dir: Pat
             "--customize-hook=chroot $1 systemctl enable systemd-networkd",
             spec.suite,
             str(root),
-            *_sources(spec.suite),
+            *sources(spec.suite),
         ],
         what=f"build the {spec.suite} root tree (mmdebstrap)",
         log=log_dir / "base-mmdebstrap.log",
@@ -319,7 +354,8 @@ def _package_versions(root: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
-def _sources(suite: str) -> list[str]:
+def sources(suite: str) -> list[str]:
+    """The archive lines a base of `suite` is built from (and the guest keeps)."""
     # Updates and security fixes too: the guest's apt keeps these sources for later bakes.
     main = "http://deb.debian.org/debian"
     if suite in ("sid", "unstable"):
