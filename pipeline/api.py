@@ -755,6 +755,8 @@ def schedule_run(
             wake = engine.next_wakeup(config, now=now_of())
             if first and wake is None:
                 raise UsageError(f"no image in {config.path} has a schedule: nothing to run")
+        except Interrupted:
+            raise
         except PipelineError as exc:
             if first:
                 raise

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
@@ -648,9 +650,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _terminated(_number: int, _frame: object) -> None:
+    # SIGTERM (a service manager, `kill`) stops a run the way Ctrl-C does: what was started is
+    # stopped and recorded as interrupted, instead of the process vanishing mid-step.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     log.setup(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code = int(args.handler(args))
         sys.stdout.flush()

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline import api, config, locks
 from pipeline.config import ScheduleConfig
-from pipeline.errors import PipelineError, VerifyFailed
+from pipeline.errors import Interrupted, PipelineError, VerifyFailed
 from pipeline.registry import open_registry
 from pipeline.schedule import engine
 
@@ -541,3 +541,36 @@ def _wait_until_the_server_ends(url: str, backend: int) -> None:
 
     with psycopg.connect(url, autocommit=True) as db:
         db.execute("SELECT pg_terminate_backend(%s, 10000)", (backend,))
+
+
+def test_an_interrupted_run_is_recorded_as_such_and_is_no_failure(
+    project: Path, action: Recorder
+) -> None:
+    action.failing = Interrupted("interrupted during packer build; the command was stopped")
+
+    with pytest.raises(Interrupted):
+        tick(project, at("2026-05-01 03:00:00"), action)
+
+    recorded = state(project)
+    assert recorded["last_result"] == "interrupted"
+    assert recorded["last_reason"] == "interrupted during packer build; the command was stopped"
+    assert (recorded["failures"], recorded["paused"]) == (0, False)
+
+
+def test_an_interruption_ends_the_scheduler_loop(project: Path) -> None:
+    calls: list[str] = []
+
+    def second_run_interrupted(image: str, schedule: ScheduleConfig, config_path: Path) -> str:
+        calls.append(image)
+        if len(calls) == 2:
+            raise Interrupted("interrupted during packer build; the command was stopped")
+        return "baked"
+
+    def clock() -> dt.datetime:
+        return at("2026-05-01 03:00:00") if not calls else at("2026-05-02 03:00:00")
+
+    with pytest.raises(Interrupted):
+        api.schedule_run(
+            clock=clock, sleep=lambda _s: None, action=second_run_interrupted, config_path=project
+        )
+    assert len(calls) == 2

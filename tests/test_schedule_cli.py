@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,22 @@ def test_a_bad_schedule_in_pipeline_yml_is_named_by_every_schedule_command(tmp_p
             " a cron expression has 5: minute hour day-of-month month day-of-week\n"
         )
     assert not (project / ".pipeline" / "schedules").exists()
+
+
+def test_sigterm_stops_the_scheduler_as_an_interruption(tmp_path: Path) -> None:
+    project = make_project(tmp_path, "parent_rebuilt")
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "schedule", "run"],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert scheduler.stderr is not None
+    for line in scheduler.stderr:
+        if "nothing done" in line:  # the first tick is over; it sleeps until the next slot
+            break
+    scheduler.send_signal(signal.SIGTERM)
+
+    assert scheduler.wait(timeout=60) == 130
+    assert "interrupted" in scheduler.stderr.read()

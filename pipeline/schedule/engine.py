@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline import cron, locks
 from pipeline.config import Config, ImageConfig, ScheduleConfig
-from pipeline.errors import ConfigError, LockHeld, PipelineError
+from pipeline.errors import ConfigError, Interrupted, LockHeld, PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.log import context
 from pipeline.registry import Registry, redact
@@ -222,11 +222,14 @@ def _run_slot(
         log.info("%s", reason)
         _record(config.state_dir, image.name, "skipped", reason, now)
         return Outcome(image.name, slot, "skipped", reason, missed)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        # Stopped by the user or a service manager: not a failure of the image, and the
+        # scheduler stops too (an Interrupted is a PipelineError, so this comes first).
+        reason = str(exc) if isinstance(exc, Interrupted) else "interrupted (Ctrl-C or SIGTERM)"
+        _record(config.state_dir, image.name, "interrupted", reason, now)
+        raise
     except PipelineError as exc:
         return _failed(config.state_dir, image.name, schedule, str(exc), now, missed, slot)
-    except KeyboardInterrupt:
-        _record(config.state_dir, image.name, "interrupted", "interrupted (Ctrl-C)", now)
-        raise
     except Exception as exc:
         _failed(config.state_dir, image.name, schedule, f"internal error: {exc!r}", now, 0, slot)
         raise
