@@ -305,3 +305,25 @@ def test_waves_from_an_empty_fleet_are_one_and_replacements_go_by_surge() -> Non
     assert rollout.waves(4, 4, 2, 0) == [(0, 2, 2), (0, 2, 2)]
     assert rollout.waves(4, 4, 1, 1) == [(1, 2, 1), (1, 2, 1)]
     assert rollout.waves(2, 0, 0, 1) == [(0, 2, 0)]
+
+
+@pytest.mark.parametrize("strategy", ["rolling", "blue_green"])
+def test_a_member_on_the_version_left_out_of_the_front_door_passes_the_gate_before_serving(
+    strategy: str,
+) -> None:
+    fleet = RecordingFleet(RolloutConfig(strategy=strategy, max_surge=1), 2)
+    fleet.start(OLD, 2)
+    # An earlier rollout was interrupted in this member's gate: it runs, it is not served.
+    [stopped] = fleet.new_members(NEW, 1)
+    fleet.members[stopped.name] = stopped
+
+    run = rollout.rolling if strategy == "rolling" else rollout.blue_green
+    run(fleet, NEW, 2, rollout.Moves())  # type: ignore[arg-type]
+
+    assert ("gate", (stopped.name,)) in fleet.steps
+    assert fleet.steps.index(("gate", (stopped.name,))) < min(
+        i
+        for i, (step, names) in enumerate(fleet.steps)
+        if step == "serve" and stopped.name in names
+    )
+    assert versions_served(fleet) == {"1.0.1"}

@@ -58,6 +58,7 @@ def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> Non
     rollout = fleet.environment.rollout
     keep, broken, old = sort_members(fleet, version, size)
     _retire_broken(fleet, broken)
+    keep, old = _confirm_unserved(fleet, keep, old)
     need = size - len(keep)
     fleet.serve(keep + old)
     for early_count, count, late_count in waves(
@@ -90,6 +91,7 @@ def blue_green(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> 
     """
     keep, broken, old = sort_members(fleet, version, size)
     _retire_broken(fleet, broken)
+    keep, old = _confirm_unserved(fleet, keep, old)
     if not old and len(keep) == size:
         fleet.serve(keep)
         return []
@@ -163,6 +165,22 @@ def sort_members(
         member = fleet.members[name]
         fleet.log.warning("drift: %s (%s) fails its health check", name, member.version)
     return keep, dead, failing + old
+
+
+def _confirm_unserved(fleet: Fleet, keep: list[str], old: list[str]) -> tuple[list[str], list[str]]:
+    """Members on the version that the front door does not serve (a rollout stopped in their
+    gate left them) pass the gate before they serve; those that fail it are replaced."""
+    serving = set(fleet.door.servers()) if fleet.door.running() else set()
+    unserved = [n for n in keep if n not in serving]
+    if not unserved:
+        return keep, old
+    fleet.log.info("%d instance(s) not in the front door go through the gate first", len(unserved))
+    try:
+        fleet.gate(unserved)
+    except GateFailed as exc:
+        fleet.log.warning("replacing them: %s", exc)
+        return [n for n in keep if n not in unserved], old + unserved
+    return keep, old
 
 
 def _retire_broken(fleet: Fleet, dead: list[Member]) -> None:
