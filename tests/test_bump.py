@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ImageConfig
-from pipeline.registry import ImageVersion
-from pipeline.stages.bake import PART_KINDS, choose_bump
+from pipeline.registry import ImageVersion, open_registry
+from pipeline.stages.bake import PART_KINDS, choose_bump, previous_inputs
 
 PARTS = {part: f"hash-{part}" for part in PART_KINDS} | {"declared_version": "1.0.0"}
 
@@ -50,3 +50,21 @@ def test_the_first_bake_and_undeclared_kinds_take_the_default() -> None:
 
     assert choose_bump(WEB, None, PARTS) == "patch"
     assert choose_bump(majors, _previous(template="old"), PARTS) == "major"
+
+
+def test_a_bake_compares_with_the_newest_version_whose_inputs_are_recorded(tmp_path) -> None:
+    registry = open_registry(tmp_path)
+    common = {"fingerprint": "f", "path": "/p"}
+    registry.add(
+        "web", "1.0.0", build_id="a", state="verified", manifest={"inputs": PARTS}, **common
+    )
+    # A bake interrupted before its inputs were recorded, and one still going.
+    registry.add("web", "1.0.1", build_id="b", state="failed", failure="interrupted", **common)
+    registry.reserve(
+        "web", declared="1.0.0", bump="patch", build_id="c", fingerprint="g", path="/q"
+    )
+
+    previous = previous_inputs(registry, "web")
+
+    assert previous is not None and previous.version == "1.0.0"
+    assert choose_bump(WEB, previous, PARTS) == "patch"

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError, Interrupted, ToolError, UsageError
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
+from pipeline.semver import sort_key
 from pipeline.targets.local import accel, baseimage
 from pipeline.tools.ansible_output import failed_tasks, output_of
 from pipeline.tools.versions import binary_version, python_package_version
@@ -153,9 +154,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
             "state": existing.state,
             "reasons": [f"unchanged: these inputs are version {existing.version}"],
         }
-    # A version still `building` has no inputs recorded yet: compare with the newest finished.
-    newest = registry.latest(image.name, states=("built", "verified", "failed"))
-    previous = registry.get(image.name, newest.version) if newest else None
+    previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, parts)
     reasons = notes + _changes(previous, parts, roles, image)
     for building in registry.abandoned_builds(image.name):
@@ -171,6 +170,23 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
         "on": base_label,
         "reasons": reasons,
     }
+
+
+def previous_inputs(registry: Registry, image: str) -> ImageVersion | None:
+    """The newest version whose inputs are recorded: what a new bake is compared with.
+
+    A version still `building`, or one whose bake failed or was interrupted before its inputs
+    were recorded, says nothing about them; taking it would call every input changed.
+    """
+    for version in sorted(
+        registry.versions(image), key=lambda v: sort_key(v.version), reverse=True
+    ):
+        if version.state == "building":
+            continue
+        full = registry.get(image, version.version)
+        if full.manifest.get("inputs"):
+            return full
+    return None
 
 
 def _changes(
@@ -344,8 +360,7 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
             " change the roles, variables, template or base before baking again"
         )
     abandon_stale_builds(config, registry, image.name)
-    newest = registry.latest(image.name)
-    previous = registry.get(image.name, newest.version) if newest else None
+    previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, inputs.parts)
     images_dir = config.state_dir / "images" / image.name
     reserved = registry.reserve(
