@@ -210,3 +210,17 @@ def test_a_background_finisher_leaves_a_fleet_a_later_rollout_keeps(project: Pat
 
     assert result["finished"] == []
     assert json.loads(record.read_text())["kept"]["until"] == "2026-01-02T00:00:00Z"
+
+
+def test_destroy_ends_a_scaled_size(project: Path) -> None:
+    for folder in ("templates", "roles"):
+        shutil.copytree(REPO / folder, project / folder)
+
+    assert pipeline("scale", "dev", "3", cwd=project).returncode != 0  # nothing to add from
+    assert pipeline("scale", "dev", "0", cwd=project).returncode == 0
+    scaled = json.loads(pipeline("status", "dev", "--json", cwd=project).stdout)
+    destroyed = pipeline("destroy", "dev", cwd=project)
+    after = json.loads(pipeline("status", "dev", "--json", cwd=project).stdout)
+
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert (scaled["size"], after["size"]) == (0, 2)

@@ -344,9 +344,11 @@ def destroy(
         names.append(name)
     if not names:
         log.info("no instances to destroy")
+    # Nothing of the fleet is left: neither a kept old fleet nor a size set by `scale`.
     record = rollout.Record(config, environment)
-    if record.kept:
+    if record.kept or "scale" in record.data:
         record.forget_kept()
+        record.data.pop("scale", None)
         record.save()
     run.event("destroy.done", instances=names)
     return names
@@ -447,7 +449,7 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
         drift.append(f"{len(serving)} instance(s), {wanted}")
     known = {item["name"] for item in instances}
     for vm in environment_vms(config, environment):
-        if vm.name not in known:
+        if vm.name not in known and not busy:
             drift.append(f"{vm.name} runs but Terraform does not know it")
     door = existing_front_door(config, environment)
     door_running = door is not None and door.running()
