@@ -265,3 +265,46 @@ def test_sigterm_stops_the_scheduler_as_an_interruption(tmp_path: Path) -> None:
 
     assert scheduler.wait(timeout=60) == 130
     assert "interrupted" in scheduler.stderr.read()
+
+
+def test_the_crontab_line_runs_from_a_folder_with_a_space_and_a_percent_sign(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path / "my 100% project", "parent_rebuilt")
+
+    done = pipeline("schedule", "install", "--crontab", cwd=project)
+    line = done.stdout.strip()
+    # What cron does with the line: the five time fields go, "\%" becomes "%", sh runs the rest.
+    assert "%" not in line.replace("\\%", "")
+    command = line.split(" ", 5)[5].replace("\\%", "%")
+    ran = subprocess.run(
+        ["sh", "-c", command],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert ran.returncode == 0, ran.stderr
+    log = (project / ".pipeline" / "logs" / "schedule.log").read_text()
+    assert "no trigger fired" in log
+
+
+def test_install_tells_a_project_from_one_whose_path_it_starts_with(tmp_path: Path) -> None:
+    first = make_project(tmp_path / "cfg", "parent_rebuilt")
+    second = make_project(tmp_path / "c", "parent_rebuilt")
+    units = tmp_path / "units"
+
+    assert pipeline("schedule", "install", "--dir", str(units), cwd=first).returncode == 0
+    again = pipeline("schedule", "install", "--dir", str(units), cwd=first)
+    other = pipeline("schedule", "install", "--dir", str(units), cwd=second)
+
+    assert again.returncode == 0, again.stderr
+    assert other.returncode == 2
+    assert "is not this project's" in other.stderr
+    assert (
+        f"-c {first / 'pipeline.yml'} schedule tick"
+        in (units / "pipeline-schedule.service").read_text()
+    )

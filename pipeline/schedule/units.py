@@ -36,16 +36,32 @@ def _package_root() -> str:
     return str(Path(pipeline.__file__).resolve().parent.parent)
 
 
+def _unit_value(text: str) -> str:
+    # In a unit file "%" starts a specifier: a literal one is written "%%".
+    return text.replace("%", "%%")
+
+
+def _cron_value(text: str) -> str:
+    # In a crontab line an unescaped "%" ends the command and starts its standard input.
+    return text.replace("%", "\\%")
+
+
+def _owner_mark(config: Config) -> str:
+    """The part of the tick command that names this project (the same in every file)."""
+    return f"-c {shlex.quote(str(config.path.resolve()))} schedule tick"
+
+
 def service_text(config: Config) -> str:
     command = shlex.join(tick_command(config))
-    return (
+    pythonpath = f"PYTHONPATH={_package_root()}"
+    return _unit_value(
         "[Unit]\n"
         f"Description=Scheduled image rebuilds of {config.root}\n"
         "\n"
         "[Service]\n"
         "Type=oneshot\n"
         f"WorkingDirectory={config.root}\n"
-        f"Environment=PYTHONPATH={_package_root()}\n"
+        f"Environment={shlex.quote(pythonpath)}\n"
         "Environment=PIPELINE_LOG_TIMES=1\n"
         f"ExecStart={command}\n"
     )
@@ -66,14 +82,17 @@ def timer_text(config: Config) -> str:
 
 
 def crontab_line(config: Config) -> str:
-    log = config.state_dir / "logs" / "schedule.log"
+    log = shlex.quote(str(config.state_dir / "logs" / "schedule.log"))
     environment = f"PYTHONPATH={shlex.quote(_package_root())} PIPELINE_LOG_TIMES=1"
     command = shlex.join(tick_command(config))
-    return f"* * * * * cd {shlex.quote(str(config.root))} && {environment} {command} >> {log} 2>&1"
+    root = shlex.quote(str(config.root))
+    return _cron_value(f"* * * * * cd {root} && {environment} {command} >> {log} 2>&1")
 
 
 def install(config: Config, *, directory: Path | None, crontab: bool) -> list[Path]:
     """Write the files (never enabling anything); a file of another project is not replaced."""
+    # The crontab line appends to this log, and cron opens it before the command runs.
+    (config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
     if crontab:
         if directory is None:
             return []
@@ -81,12 +100,14 @@ def install(config: Config, *, directory: Path | None, crontab: bool) -> list[Pa
     else:
         folder = directory if directory is not None else user_unit_dir()
         files = {folder / SERVICE: service_text(config), folder / TIMER: timer_text(config)}
+    marks = (_unit_value(_owner_mark(config)), _cron_value(_owner_mark(config)))
     for path, text in files.items():
         if path.is_file() and path.read_text(encoding="utf-8") != text:
             old = path.read_text(encoding="utf-8")
-            if str(config.path.resolve()) not in old and str(config.root) not in old:
+            if not any(mark in old for mark in marks) and path.name != TIMER:
                 message = f"{path} exists and is not this project's; move it away or give --dir"
                 raise UsageError(message)
+
     for path, text in files.items():
         try:
             write_text_atomic(path, text)
