@@ -414,8 +414,10 @@ def _cmd_finish(args: argparse.Namespace) -> int:
 def _print_fleet(result: dict[str, Any], as_json: bool) -> int:
     if as_json:
         _print_json(result)
+    elif "instances" not in result:  # a finisher that found nothing left to do
+        print(result.get("note", "nothing to do"))
     else:
-        _print_instances(result.get("instances", []))
+        _print_instances(result["instances"])
         if result.get("front_door"):
             print(f"front door: {result['front_door']}")
     return 0

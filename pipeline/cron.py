@@ -133,8 +133,14 @@ def _field(raw: str, name: str, low: int, high: int, names: tuple[str, ...]) -> 
         span, _, step_text = part.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or not step_text.isascii() or int(step_text) == 0:
-                raise CronError(f"{where}: step {step_text!r} must be a whole number above 0")
+            if (
+                not step_text.isdigit()
+                or not step_text.isascii()
+                or not 1 <= int(step_text) <= high - low + 1
+            ):
+                raise CronError(
+                    f"{where}: step {step_text!r} must be a whole number from 1 to {high - low + 1}"
+                )
             step = int(step_text)
         if span == "*":
             first, last = low, high

@@ -224,3 +224,12 @@ def test_destroy_ends_a_scaled_size(project: Path) -> None:
 
     assert destroyed.returncode == 0, destroyed.stderr
     assert (scaled["size"], after["size"]) == (0, 2)
+
+
+def test_a_finisher_with_nothing_left_says_so_instead_of_listing_no_instances(
+    project: Path,
+) -> None:
+    done = pipeline("finish", "dev", "--when-due", "2026-01-01T00:00:00Z", cwd=project)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "nothing kept until then any more\n"

@@ -149,8 +149,8 @@ def test_slots_missed_while_the_machine_was_off_run_once(
     assert later["result"] == "due-later"
     assert len(action.calls) == 2
     assert (
-        "[web > schedule] 3 slots went by unhandled since 2026-05-01T03:00:00Z (machine off?);"
-        " slot 2026-05-04T03:00:00Z runs once for them"
+        "[web > schedule] 2 slot(s) after 2026-05-01T03:00:00Z went by unhandled (the machine"
+        " was off, or a run took longer); only the latest, 2026-05-04T03:00:00Z, runs"
     ) in logs
 
 

@@ -133,9 +133,10 @@ def _tick_image(
     if missed > 1:
         more = "at least " if missed >= MISSED_COUNT_LIMIT else ""
         log.info(
-            "%s%d slots went by unhandled since %s (machine off?); slot %s runs once for them",
+            "%s%d slot(s) after %s went by unhandled (the machine was off, or a run took longer);"
+            " only the latest, %s, runs",
             more,
-            missed,
+            missed - 1,
             state.last_slot,
             slot,
         )
