@@ -813,8 +813,9 @@ def schedule_resume(image: str, *, config_path: Path | str | None = None) -> dic
     config = config_mod.load(config_path)
     if config.image(image).schedule is None:
         raise UsageError(f"image {image} has no schedule in {config.path.name}")
+    was_paused = engine.load(config.state_dir, image).paused
     state = engine.resume(config.state_dir, image)
-    return {"image": image, **dataclasses.asdict(state)}
+    return {"image": image, "was_paused": was_paused, **dataclasses.asdict(state)}
 
 
 def parse_time(text: str) -> str:

@@ -566,7 +566,9 @@ def _cmd_sched_list(args: argparse.Namespace) -> int:
     if not schedules:
         print("no image has a schedule")
         return 0
-    print(f"{'IMAGE':<14} {'CRON':<16} {'DO':<10} {'NEXT SLOT (UTC)':<21} LAST")
+    image_w = max(14, *(len(item["image"]) + 1 for item in schedules))
+    cron_w = max(16, *(len(item["cron"]) + 1 for item in schedules))
+    print(f"{'IMAGE':<{image_w}} {'CRON':<{cron_w}} {'DO':<10} {'NEXT SLOT (UTC)':<21} LAST")
     for item in schedules:
         do = item["do"] + (f" {item['env']}" if item["env"] else "")
         last = "never run"
@@ -576,7 +578,10 @@ def _cmd_sched_list(args: argparse.Namespace) -> int:
             last += f" (running: {item['running']})"
         if item["paused"]:
             last = f"PAUSED after {item['failures']} failures in a row; last: {last}"
-        print(f"{item['image']:<14} {item['cron']:<16} {do:<10} {item['next_slot']:<21} {last}")
+        print(
+            f"{item['image']:<{image_w}} {item['cron']:<{cron_w}} {do:<10}"
+            f" {item['next_slot']:<21} {last}"
+        )
     return 0
 
 
@@ -608,7 +613,10 @@ def _cmd_sched_install(args: argparse.Namespace) -> int:
 
 def _cmd_sched_resume(args: argparse.Namespace) -> int:
     state = api.schedule_resume(args.image, config_path=args.config)
-    print(f"schedule of {state['image']} resumed; its next due slot runs")
+    if state["was_paused"]:
+        print(f"schedule of {state['image']} resumed; its next due slot runs")
+    else:
+        print(f"schedule of {state['image']} was not paused (its failure count is reset)")
     return 0
 
 

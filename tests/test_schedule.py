@@ -296,7 +296,8 @@ def test_failures_in_a_row_pause_the_schedule_until_resumed(
     assert len(action.calls) == 3  # the two failures and the run after resuming
     assert (listed[0]["paused"], listed[0]["failures"]) == (True, 2)
     assert listed[0]["last_result"] == "failed"
-    assert (resumed["paused"], resumed["failures"]) == (False, 0)
+    assert (resumed["was_paused"], resumed["paused"], resumed["failures"]) == (True, False, 0)
+    assert api.schedule_resume("web", config_path=project)["was_paused"] is False
     assert after["result"] == "ok"
     assert state(project)["failures"] == 0
     assert (
