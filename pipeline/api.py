@@ -508,14 +508,14 @@ def gc(
 
     with _project(config_path) as (config, registry), contextlib.ExitStack() as held:
         run_ = None if dry_run else Run(config.state_dir, "gc", "registry")
-        build_id = run_.build_id if run_ else "gc-dry-run"
         if run_ is not None:
             held.enter_context(_recorded(run_))
-        # No bake may add, and no deploy start using, a version while gc decides.
-        for name in sorted(config.images):
-            held.enter_context(locks.hold(config.state_dir, f"image-{name}", build_id=build_id))
-        for name in sorted(config.environments):
-            held.enter_context(locks.hold(config.state_dir, f"env-{name}", build_id=build_id))
+            # No bake may add, and no deploy start using, a version while gc decides and
+            # deletes. A dry run deletes nothing: it reads a snapshot and stands in no run's way.
+            names = [f"image-{n}" for n in sorted(config.images)]
+            names += [f"env-{n}" for n in sorted(config.environments)]
+            for name in names:
+                held.enter_context(locks.hold(config.state_dir, name, build_id=run_.build_id))
 
         in_use = _versions_in_use(config, registry, deploy_stage)
         decided = retention.plan(registry, keep=keep, in_use=in_use)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import locks
 from pipeline.errors import UsageError
 from pipeline.registry import URL_VARIABLE, Registry, open_registry
 
@@ -1031,3 +1032,17 @@ def test_a_registry_in_a_folder_that_does_not_exist_is_refused(
     assert done.returncode == 4
     assert error_line(done) == f"cannot open the registry {missing}: no folder {missing.parent}"
     assert not (project / "no").exists()
+
+
+def test_gc_dry_run_stands_in_no_runs_way_while_gc_waits_for_it(project: Path) -> None:
+    seed_for_gc(project)
+
+    with locks.hold(project / ".pipeline", "image-web", build_id="a-bake"):
+        planned = pipeline(project, "gc", "--keep", "1", "--dry-run")
+        deleting = pipeline(project, "gc", "--keep", "1")
+
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.splitlines()[-1] == "would delete 6 version(s), kept 5"
+    assert deleting.returncode == 7
+    assert "image-web is locked by another run" in error_line(deleting)
+    assert version_folders(project) == ALL_FOLDERS
