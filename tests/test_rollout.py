@@ -140,6 +140,9 @@ class RecordingFleet:
         count = len(names)
         self.min_served = count if self.min_served is None else min(self.min_served, count)
 
+    def serving(self) -> set[str]:
+        return set(self.door.servers())
+
     def retire(self, names: Any) -> None:
         going = set(names) & set(self.members)
         if not going:

@@ -348,7 +348,7 @@ def destroy(
     record = rollout.Record(config, environment)
     if record.kept or "scale" in record.data:
         record.forget_kept()
-        record.data.pop("scale", None)
+        record.forget_scale()
         record.save()
     run.event("destroy.done", instances=names)
     return names
@@ -529,7 +529,7 @@ def _serve_what_runs(fleet: Fleet) -> None:
     """After an interruption: the front door serves the members that still run and either
     served already or passed their health gate (one stopped in its gate never joins)."""
     try:
-        serving = set(fleet.door.servers()) if fleet.door.running() else set()
+        serving = fleet.serving()
         fleet.refresh()
         fleet.serve(
             [n for n in fleet.members if fleet.running(n) and (n in serving or n in fleet.passed)]

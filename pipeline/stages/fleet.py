@@ -298,12 +298,16 @@ class Fleet:
             return False  # never made: asking would make it
         return self.door.running()
 
+    def serving(self) -> set[str]:
+        """The members the front door serves now (none if it does not run)."""
+        return set(self.door.servers()) if self._door_running() else set()
+
     def retire(self, names: Iterable[str]) -> None:
         """Take members out of the front door, let their requests finish, destroy them."""
         going = set(names) & set(self.members)
         if not going:
             return
-        serving = set(self.door.servers()) if self.door.running() else set()
+        serving = self.serving()
         if serving & going:
             self.serve(serving - going)
             self.door.drain()

@@ -122,7 +122,7 @@ def roll_back(fleet: Fleet, moves: Moves, reason: str) -> RolledBack:
     fleet.log.error("rolling back: %s", reason)
     created = {m.name for m in moves.created}
     try:
-        serving = set(fleet.door.servers()) if fleet.door.running() else set()
+        serving = fleet.serving()
         unserved = created - serving
         if unserved & set(fleet.members):
             fleet.converge({n: m for n, m in fleet.members.items() if n not in unserved})
@@ -170,7 +170,7 @@ def sort_members(
 def _confirm_unserved(fleet: Fleet, keep: list[str], old: list[str]) -> tuple[list[str], list[str]]:
     """Members on the version that the front door does not serve (a rollout stopped in their
     gate left them) pass the gate before they serve; those that fail it are replaced."""
-    serving = set(fleet.door.servers()) if fleet.door.running() else set()
+    serving = fleet.serving()
     unserved = [n for n in keep if n not in serving]
     if not unserved:
         return keep, old
@@ -240,11 +240,14 @@ class Record:
         scaled = self.data.get("scale")
         if scaled and scaled.get("config") == self.environment.instances:
             return int(scaled["instances"])
-        self.data.pop("scale", None)
+        self.forget_scale()
         return self.environment.instances
 
     def scale(self, count: int) -> None:
         self.data["scale"] = {"instances": count, "config": self.environment.instances}
+
+    def forget_scale(self) -> None:
+        self.data.pop("scale", None)
 
     @property
     def kept(self) -> dict[str, Any] | None:
