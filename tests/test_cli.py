@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from projects import MINIMAL
+from projects import MINIMAL, run_pipeline
 
 from pipeline import api, cli, locks
 from pipeline.errors import EXIT_CODES
@@ -24,16 +22,7 @@ PROJECT = MINIMAL
 
 def pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run `python -m pipeline ARGS` in `cwd` with this venv's Python, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_pipeline(*args, cwd=cwd)
 
 
 @pytest.fixture

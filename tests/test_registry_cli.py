@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from projects import run_pipeline
 
 from pipeline import locks
 from pipeline.errors import UsageError
@@ -52,15 +53,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 def pipeline(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m pipeline ARGS` in the project folder, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=project,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_pipeline(*args, cwd=project)
 
 
 def ok(project: Path, *args: str) -> str:

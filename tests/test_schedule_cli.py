@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from projects import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,15 +30,7 @@ environments:
 
 
 def pipeline(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_pipeline(*args, cwd=cwd, timeout=120, **env)
 
 
 def make_project(tmp_path: Path, triggers: str, *, with_roles: bool = True) -> Path:
