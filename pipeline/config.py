@@ -264,9 +264,35 @@ class _Reader:
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        # Its str() spans lines and names "<unicode string>" rather than the file.
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or " ")
+        return f"not YAML text: U+{code:04X} at character {exc.position + 1}: {exc.reason}"
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "parse error"
     return f"malformed YAML at {where}: {getattr(exc, 'problem', None) or exc}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping, which PyYAML would let the
+    second silently replace (a whole image or environment lost without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class says so in its own words
+            if first is not None:
+                line = first.start_mark.line + 1
+                problem = f"duplicate key {key!r} (first given at line {line})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 class _PlaybookLoader(yaml.SafeLoader):
@@ -300,11 +326,16 @@ def load(path: Path | str | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(str(path), None, "no such file (run from the project folder, or use -c)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), None, _yaml_problem(exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason}") from None
+    except RecursionError:
+        # PyYAML builds nested collections by recursion: a few thousand levels exhaust it.
+        raise ConfigError(str(path), None, "malformed YAML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot be read: {exc.strerror or exc}") from None
     return parse(data, path)
 
 
