@@ -64,8 +64,14 @@ class RunResult:
 
 
 @contextlib.contextmanager
-def _project(config_path: Path | str | None) -> Iterator[tuple[Config, Registry]]:
+def _project(
+    config_path: Path | str | None, *, bakes: str | None = None
+) -> Iterator[tuple[Config, Registry]]:
     config = config_mod.load(config_path)
+    if bakes is not None:
+        # A mistake in the roles or template of the image to bake is found before the registry
+        # or a run folder is made: a bad input leaves nothing behind.
+        bake_stage.check_inputs(config, config.image(bakes))
     registry = open_registry(config.state_dir, config.registry)
     try:
         yield config, registry
@@ -93,7 +99,7 @@ def _recorded(run: Run) -> Iterator[Run]:
 
 def bake(image: str, *, config_path: Path | str | None = None) -> bake_stage.BakeResult:
     """Bake `image` unless its inputs are unchanged."""
-    with _project(config_path) as (config, registry):
+    with _project(config_path, bakes=image) as (config, registry):
         config.image(image)
         run = Run(config.state_dir, "bake", image)
         with _recorded(run), locks.hold(config.state_dir, f"image-{image}", build_id=run.build_id):
@@ -172,7 +178,7 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
     """Bake, verify, promote and deploy: the whole chain for one environment."""
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path) as (config, registry):
+    with _project(config_path, bakes=image) as (config, registry):
         environment = config.environment(env)
         if environment.image != image:
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
@@ -219,7 +225,7 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
     from pipeline.semver import sort_key
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path) as (config, registry):
+    with _project(config_path, bakes=image) as (config, registry):
         environment = config.environment(env)
         if environment.image != image:
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"

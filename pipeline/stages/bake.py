@@ -72,13 +72,51 @@ def role_dirs(config: Config, image: ImageConfig) -> dict[str, Path]:
     return found
 
 
-def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
-    """Collect and hash every input; builds and registers the base image if it is new."""
-    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+def template_path(config: Config, image: ImageConfig) -> Path:
+    """The image's Packer template; a missing one is an error naming the key that names it."""
     template = config.templates_dir / image.template
     if not template.is_file():
         key = f"images.{image.name}.template"
         raise ConfigError(str(config.path), key, f"template {template} does not exist")
+    return template
+
+
+def check_inputs(config: Config, image: ImageConfig) -> None:
+    """Find a mistake in an image's roles or template before anything is written or built.
+
+    The template is rendered with stand-ins for what only a bake knows (the base's files, the
+    accelerator, the run's folder), so that a name it uses and a bake does not give fails now,
+    not after the base image is built and a version number is spent.
+    """
+    role_dirs(config, image)
+    template_path(config, image)
+    stand_in = config.state_dir / "check"
+    base = {
+        "disk": stand_in / "disk.qcow2",
+        "sha256": "0" * 64,
+        "kernel": stand_in / "vmlinuz",
+        "initrd": stand_in / "initrd.img",
+        "append": baseimage.APPEND,
+    }
+    context_vars = packer_context(
+        config,
+        image,
+        image.version,
+        build_id="check",
+        base=base,
+        accel={"packer": "tcg", "cpu": "max"},
+        ssh_key=config.state_dir / "keys" / "id_ed25519",
+        run_dir=stand_in,
+        work=stand_in,
+    )
+    render.render(config.templates_dir, image.template, context_vars)
+
+
+def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
+    """Collect and hash every input; builds and registers the base image if it is new."""
+    check_inputs(config, image)
+    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+    template = template_path(config, image)
 
     if image.parent is not None:
         base_version = parent_version(registry, image)
@@ -122,11 +160,9 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
     A base image that is not built yet is not built here: its new version is announced.
     """
     image = config.image(image_name)
+    check_inputs(config, image)
     roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
-    template = config.templates_dir / image.template
-    if not template.is_file():
-        key = f"images.{image.name}.template"
-        raise ConfigError(str(config.path), key, f"template {template} does not exist")
+    template = template_path(config, image)
     notes: list[str] = []
     if image.parent is not None:
         base_version = parent_version(registry, image)
@@ -426,40 +462,31 @@ def _packer_build(
     base = inputs.base
     key = baseimage.ssh_key(config.state_dir)
     packages_file = run.dir / "packages.tsv"
-
-    vars_file = run.dir / "bake-vars.json"
-    write_json_atomic(vars_file, role_vars(image, version, run.build_id))
-    playbook = run.dir / "bake.yml"
-    playbook.write_text(yaml.safe_dump(_bake_playbook(image, packages_file), sort_keys=False))
-
     qemu_accel = accel.accel_args(config.state_dir, kernel=base.kernel)
-    context_vars = {
-        "image": image.name,
-        "version": version,
-        "build_id": run.build_id,
-        "base": {
+    context_vars = packer_context(
+        config,
+        image,
+        version,
+        build_id=run.build_id,
+        base={
             "disk": base.disk,
             "sha256": _base_sha256(config.state_dir, base),
             "kernel": base.kernel,
             "initrd": base.initrd,
             "append": base.append,
         },
-        "output_dir": work,
-        "hostname": f"bake-{image.name}",
-        "serial_log": run.dir / "logs" / "bake-serial.log",
-        "accel": {
+        accel={
             "packer": _arg_after(qemu_accel, "-accel"),
             "cpu": _arg_after(qemu_accel, "-cpu"),
         },
-        "memory": 1024,
-        "cpus": 2,
-        "ssh_key": key,
-        "ssh_timeout": "10m",
-        "playbook": playbook,
-        "vars_file": vars_file,
-        "ansible_env": _ansible_env(config),
-        "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
-    }
+        ssh_key=key,
+        run_dir=run.dir,
+        work=work,
+    )
+    write_json_atomic(context_vars["vars_file"], role_vars(image, version, run.build_id))
+    playbook = _bake_playbook(image, packages_file)
+    context_vars["playbook"].write_text(yaml.safe_dump(playbook, sort_keys=False))
+
     rendered = render.render(config.templates_dir, image.template, context_vars)
     template = run.dir / "image.pkr.hcl"
     template.write_text(rendered, encoding="utf-8")
@@ -500,6 +527,39 @@ def _packer_build(
         "boot": {"kernel": "vmlinuz", "initrd": "initrd.img", "append": base.append},
         "disk_sha256": fp.hash_file(disk),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def packer_context(
+    config: Config,
+    image: ImageConfig,
+    version: str,
+    *,
+    build_id: str,
+    base: dict[str, Any],
+    accel: dict[str, str],
+    ssh_key: Path,
+    run_dir: Path,
+    work: Path,
+) -> dict[str, Any]:
+    """The names the Packer template is rendered with: the same for a bake and its check."""
+    return {
+        "image": image.name,
+        "version": version,
+        "build_id": build_id,
+        "base": base,
+        "output_dir": work,
+        "hostname": f"bake-{image.name}",
+        "serial_log": run_dir / "logs" / "bake-serial.log",
+        "accel": accel,
+        "memory": 1024,
+        "cpus": 2,
+        "ssh_key": ssh_key,
+        "ssh_timeout": "10m",
+        "playbook": run_dir / "bake.yml",
+        "vars_file": run_dir / "bake-vars.json",
+        "ansible_env": _ansible_env(config),
+        "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
     }
 
 
