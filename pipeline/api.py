@@ -115,6 +115,7 @@ def verify(
     with _project(config_path) as (config, registry):
         config.image(image)
         target = _pick_version(registry, image, version)
+        verify_stage.check(config, target)
         run = Run(config.state_dir, "verify", f"{image} {target.version}")
         with _recorded(run), locks.hold(config.state_dir, f"image-{image}", build_id=run.build_id):
             verified = verify_stage.verify(config, target, run=run, registry=registry)

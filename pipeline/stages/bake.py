@@ -28,7 +28,7 @@ from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.semver import sort_key
-from pipeline.targets.local import accel, baseimage
+from pipeline.targets.local import accel, baseimage, qemu
 from pipeline.tools.ansible_output import failed_tasks, output_of
 from pipeline.tools.versions import binary_version, python_package_version
 
@@ -275,11 +275,16 @@ def parent_version(registry: Registry, image: ImageConfig) -> ImageVersion:
             f" {image.parent}` first)"
         )
     found = registry.get(found.image, found.version)
-    if not (Path(found.path) / "disk.qcow2").is_file():
+    disk = Path(found.path) / "disk.qcow2"
+    if not disk.is_file():
         raise UsageError(
             f"{image.name} is built on {found.label}, whose image file is gone ({found.path});"
             f" bake {image.parent} again"
         )
+    problem = qemu.disk_problem(disk)
+    if problem:
+        message = f"{image.name} is built on {found.label}, but {problem}"
+        raise UsageError(f"{message}; bake {image.parent} again")
     return found
 
 

@@ -38,6 +38,7 @@ from pipeline.stages.fleet import (
     vm_running,
     workdir,
 )
+from pipeline.targets.local import qemu
 from pipeline.tools.terraform import Terraform
 
 __all__ = ["reap_orphans", "terraform_for", "workdir"]
@@ -580,6 +581,13 @@ def _check_image_files(version: ImageVersion) -> None:
     if missing:
         message = (
             f"{version.label} cannot be deployed: {', '.join(missing)} missing from {folder}"
+            f" (bake a new version with `pipeline run {version.image} --env ENV`)"
+        )
+        raise DeployFailed(message)
+    problem = qemu.disk_problem(paths[0])
+    if problem:
+        message = (
+            f"{version.label} cannot be deployed: {problem}"
             f" (bake a new version with `pipeline run {version.image} --env ENV`)"
         )
         raise DeployFailed(message)

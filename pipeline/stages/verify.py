@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, PipelineError, ToolError, VerifyFailed
+from pipeline.errors import ConfigError, PipelineError, ToolError, UsageError, VerifyFailed
 from pipeline.log import context
 from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
@@ -24,13 +24,25 @@ PLUGINS = Path(__file__).resolve().parent.parent / "ansible_plugins"
 MOLECULE_TIMEOUT = 1800
 
 
-def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registry) -> ImageVersion:
-    """Verify `version`; record it as verified, or as failed and raise VerifyFailed."""
-    log = context(version.label, "verify")
+def check(config: Config, version: ImageVersion) -> None:
+    """What verify needs before it starts anything: a Molecule scenario for the image and, for
+    a version still to be verified, a disk that is a qcow2 image."""
     scenario = config.molecule_dir / version.image
     if not (scenario / "molecule.yml").is_file():
         message = f"no Molecule scenario for image {version.image!r} (expected {scenario})"
         raise ConfigError(str(scenario / "molecule.yml"), None, message)
+    if version.state != "built":
+        return
+    problem = qemu.disk_problem(Path(version.path) / "disk.qcow2")
+    if problem:
+        message = f"{version.label} cannot be verified: {problem}; bake {version.image} again"
+        raise UsageError(message)
+
+
+def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registry) -> ImageVersion:
+    """Verify `version`; record it as verified, or as failed and raise VerifyFailed."""
+    log = context(version.label, "verify")
+    check(config, version)
     if version.revoked():
         assert version.revocation is not None
         reason = version.revocation.reason

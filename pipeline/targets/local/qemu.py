@@ -100,6 +100,28 @@ class VmRecord:
         )
 
 
+# The first bytes of every qcow2 file (QEMU's "QFI\xfb"); the pipeline's disks are all qcow2.
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def disk_problem(disk: Path) -> str:
+    """Why `disk` cannot be booted as a qcow2 image, or "" if it looks like one.
+
+    Reads four bytes: cheap enough to ask before anything is started, so that a damaged or
+    replaced file is named here rather than by qemu-img deep inside Molecule or Terraform.
+    """
+    try:
+        with disk.open("rb") as handle:
+            head = handle.read(len(QCOW2_MAGIC))
+    except FileNotFoundError:
+        return f"{disk} does not exist"
+    except OSError as exc:
+        return f"{disk} cannot be read: {exc.strerror or exc}"
+    if head != QCOW2_MAGIC:
+        return f"{disk} is not a qcow2 disk image (it starts with {head!r})"
+    return ""
+
+
 def boot(
     name: str,
     *,
