@@ -350,6 +350,11 @@ def parse(data: Any, path: Path) -> Config:
     )
     root = path.resolve().parent
     state_dir = root / reader.string(top.get("state_dir", ".pipeline"), "state_dir")
+    if "{{" in str(state_dir):
+        # Packer runs the qemu arguments and the provisioner's arguments, which hold paths
+        # under state_dir, through its own templates: `{{` there is not read as text.
+        message = f"{str(state_dir)!r} holds '{{{{', which Packer would read as a template"
+        raise reader.fail("state_dir", message)
 
     bases = {DEFAULT_BASE: BaseConfig()}
     for name, raw in reader.any_mapping(top.get("bases", {}), "bases").items():
