@@ -6,6 +6,7 @@ Every error names the file, the key (as a dotted path) and the value that is wro
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,7 @@ class _Reader:
 
     def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict:
         if not isinstance(value, dict):
-            raise self.fail(key, f"must be a mapping, got {_kind(value)} {value!r}")
+            raise self.fail(key, f"must be a mapping, got {_shown(value)}")
         for name in value:
             if not isinstance(name, str) or name not in allowed:
                 choices = ", ".join(sorted(allowed))
@@ -217,7 +218,7 @@ class _Reader:
 
     def any_mapping(self, value: Any, key: str) -> dict:
         if not isinstance(value, dict):
-            raise self.fail(key, f"must be a mapping, got {_kind(value)} {value!r}")
+            raise self.fail(key, f"must be a mapping, got {_shown(value)}")
         return value
 
     def plain_value(self, value: Any, key: str) -> None:
@@ -238,7 +239,7 @@ class _Reader:
 
     def string(self, value: Any, key: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(key, f"must be a non-empty string, got {_kind(value)} {value!r}")
+            raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
         # fullmatch: `$` alone also matches before a trailing newline, which would let "web\n"
         # through as a name.
         if pattern is not None and not pattern.fullmatch(value):
@@ -247,14 +248,14 @@ class _Reader:
 
     def integer(self, value: Any, key: str, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be a whole number, got {_kind(value)} {value!r}")
+            raise self.fail(key, f"must be a whole number, got {_shown(value)}")
         if not low <= value <= high:
             raise self.fail(key, f"{value} is out of range ({low} to {high})")
         return value
 
     def string_list(self, value: Any, key: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
         if not isinstance(value, list):
-            raise self.fail(key, f"must be a list, got {_kind(value)} {value!r}")
+            raise self.fail(key, f"must be a list, got {_shown(value)}")
         return tuple(self.string(item, f"{key}[{i}]", pattern) for i, item in enumerate(value))
 
     def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
@@ -519,7 +520,7 @@ def _schedule(reader: _Reader, raw: Any, key: str, parent: str | None) -> Schedu
 
     raw_triggers = item.get("triggers", ["inputs_changed"])
     if not isinstance(raw_triggers, list) or not raw_triggers:
-        message = f"must list at least one trigger, got {_kind(raw_triggers)} {raw_triggers!r}"
+        message = f"must list at least one trigger, got {_shown(raw_triggers)}"
         raise reader.fail(f"{key}.triggers", message)
     triggers: list[str] = []
     max_age = None
@@ -694,6 +695,14 @@ def _count_or_percent(reader: _Reader, value: Any, key: str) -> int | str:
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def _shown(value: Any) -> str:
+    """A value as a complaint shows it: its kind, and itself as the user would write it."""
+    if isinstance(value, dt.date):
+        # YAML reads 2026-12-05 as a date; its Python form would name nothing the user wrote.
+        return f"the date {value.isoformat()} (quote it to make it a string)"
+    return f"{_kind(value)} {value!r}"
 
 
 def _kind(value: Any) -> str:
