@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ import pytest
 from pipeline.targets.local.baseimage import BaseImage, BaseSpec, ensure_base_image
 
 REPO = Path(__file__).resolve().parent.parent
+BAD_INPUTS = pytest.StashKey[Counter[str]]()
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +94,26 @@ def new_postgres_db(postgres_url: str) -> Iterator[Callable[[], str]]:
 def postgres_db_url(new_postgres_db: Callable[[], str]) -> str:
     """The URL of an empty database made for this test alone, dropped when it ends."""
     return new_postgres_db()
+
+
+@pytest.fixture(scope="session")
+def bad_input_tally(request: pytest.FixtureRequest) -> Counter[str]:
+    """Counts of the bad inputs tried and how they ended, printed at the end of the run."""
+    return request.config.stash.setdefault(BAD_INPUTS, Counter())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    tally = terminalreporter.config.stash.get(BAD_INPUTS, Counter())
+    if tally["tried"]:
+        unclear = tally["tried"] - tally["clear"]
+        verdict = "all gave one clear message" if not unclear else f"{unclear} did not"
+        terminalreporter.write_line(f"bad inputs tried: {tally['tried']}, {verdict}")
+    if tally["generated"]:
+        terminalreporter.write_line(
+            f"generated pipeline.yml files: {tally['generated']}, {tally['loaded']} loaded,"
+            f" {tally['refused']} refused with a config error naming the file, none crashed"
+        )
+    if tally["escaped"]:
+        terminalreporter.write_line(
+            f"strings escaped for HCL and read back by Terraform unchanged: {tally['escaped']}"
+        )
