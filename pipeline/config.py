@@ -203,7 +203,10 @@ class _Reader:
         self.path = path
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(str(self.path), key or None, problem)
+        # A key path holds the file's own keys, which may hold a line break or a control
+        # character: shown escaped, the message stays one line.
+        shown = "".join(char if char.isprintable() else repr(char)[1:-1] for char in key)
+        return ConfigError(str(self.path), shown or None, problem)
 
     def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict:
         if not isinstance(value, dict):
@@ -211,7 +214,9 @@ class _Reader:
         for name in value:
             if not isinstance(name, str) or name not in allowed:
                 choices = ", ".join(sorted(allowed))
-                raise self.fail(_join(key, str(name)), f"unknown key (allowed: {choices})")
+                # An empty key is shown as '' so that the message still names something.
+                shown = str(name) or "''"
+                raise self.fail(_join(key, shown), f"unknown key (allowed: {choices})")
         for name in sorted(required - set(value)):
             raise self.fail(_join(key, name), "is required")
         return value
@@ -279,6 +284,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     second silently replace (a whole image or environment lost without a word)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if not isinstance(node, yaml.MappingNode):  # `!!set` on a scalar: the base class says so
+            return super().construct_mapping(node, deep=deep)
         seen: dict[Any, yaml.Node] = {}
         for key_node, _value in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":

@@ -129,6 +129,13 @@ CASES = [
         write={"pipeline.yml": "images: !!python/object/apply:os.system ['touch pwned']\n"},
     ),
     Bad(
+        "yaml-set-tag-on-a-word",
+        PLAN,
+        3,
+        (PIPELINE_YML, "malformed YAML at line 1, column 1: expected a mapping node"),
+        write={"pipeline.yml": "!!set images\n"},
+    ),
+    Bad(
         "yaml-a-list-not-a-mapping",
         PLAN,
         3,
@@ -149,6 +156,13 @@ CASES = [
         3,
         (PIPELINE_YML, "environment: unknown key (allowed: "),
         replace=_yml(("environments:", "environment:")),
+    ),
+    Bad(
+        "unknown-key-holding-a-line-break",
+        PLAN,
+        3,
+        (PIPELINE_YML, "pipeline.yml: colour\\nred: unknown key"),
+        append={"pipeline.yml": '"colour\\nred": 1\n'},
     ),
     Bad(
         "unknown-key-instance-for-instances",
