@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import traceback
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,13 @@ def hcl(value: Any) -> str:
 
 
 def hcl_string(text: str) -> str:
-    """A quoted HCL string literal whose value is `text`, with templates sequences escaped."""
+    """A quoted HCL string literal whose value is `text`, with templates sequences escaped.
+
+    HCL turns every string literal into Unicode NFC, escapes included, so a text in another
+    form (a path with a decomposed é) is refused: Packer would be given a different one.
+    """
+    if not unicodedata.is_normalized("NFC", text):
+        raise TypeError(f"cannot write {text!r} as HCL: HCL would change it to its NFC form")
     out = []
     i = 0
     while i < len(text):
