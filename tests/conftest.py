@@ -115,5 +115,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
     if tally["escaped"]:
         terminalreporter.write_line(
-            f"strings escaped for HCL and read back by Terraform unchanged: {tally['escaped']}"
+            f"values written by the hcl filter and read back unchanged by Terraform:"
+            f" {tally['escaped']}"
         )
