@@ -65,13 +65,17 @@ class RunResult:
 
 @contextlib.contextmanager
 def _project(
-    config_path: Path | str | None, *, bakes: str | None = None
+    config_path: Path | str | None, *, bakes: str | None = None, deploys: str | None = None
 ) -> Iterator[tuple[Config, Registry]]:
     config = config_mod.load(config_path)
+    # A mistake in the roles or templates of the image to bake or the environment to deploy is
+    # found before the registry or a run folder is made: a bad input leaves nothing behind.
     if bakes is not None:
-        # A mistake in the roles or template of the image to bake is found before the registry
-        # or a run folder is made: a bad input leaves nothing behind.
         bake_stage.check_inputs(config, config.image(bakes))
+    if deploys is not None:
+        from pipeline.stages import fleet
+
+        fleet.configuration(config, config.environment(deploys))
     registry = open_registry(config.state_dir, config.registry)
     try:
         yield config, registry
@@ -179,7 +183,7 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
     """Bake, verify, promote and deploy: the whole chain for one environment."""
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path, bakes=image) as (config, registry):
+    with _project(config_path, bakes=image, deploys=env) as (config, registry):
         environment = config.environment(env)
         if environment.image != image:
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
@@ -226,7 +230,7 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
     from pipeline.semver import sort_key
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path, bakes=image) as (config, registry):
+    with _project(config_path, bakes=image, deploys=env) as (config, registry):
         environment = config.environment(env)
         if environment.image != image:
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
@@ -267,7 +271,7 @@ def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]
     """Roll environment `env` onto the version its channel points at."""
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path) as (config, registry):
+    with _project(config_path, deploys=env) as (config, registry):
         environment = config.environment(env)
         run_ = Run(config.state_dir, "deploy", env)
         with _recorded(run_), locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id):
@@ -331,7 +335,7 @@ def _fleet_change(
 ) -> dict[str, Any]:
     from pipeline.stages import deploy as deploy_stage
 
-    with _project(config_path) as (config, registry):
+    with _project(config_path, deploys=env) as (config, registry):
         environment = config.environment(env)
         run_ = Run(config.state_dir, action, env)
         lock = locks.hold(config.state_dir, f"env-{env}", build_id=run_.build_id, wait=lock_wait)

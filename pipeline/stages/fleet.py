@@ -88,6 +88,28 @@ class GateFailed(DeployFailed):
     """New members did not pass the health gate or the smoke test."""
 
 
+def configuration(config: Config, environment: EnvironmentConfig) -> str:
+    """An environment's Terraform configuration, rendered from its template.
+
+    It depends on pipeline.yml alone, so a mistake in the template can be found before a
+    rollout starts anything.
+    """
+    image = config.image(environment.image)
+    return render.render(
+        config.templates_dir,
+        TEMPLATE.format(target=environment.target),
+        {
+            "image": image.name,
+            "environment": environment.name,
+            "memory": environment.memory,
+            "cpus": CPUS,
+            "health_path": environment.health.path,
+            "health_timeout": environment.health.timeout,
+            "http_guest_port": image.service_port,
+        },
+    )
+
+
 class Fleet:
     """One environment's members (as Terraform holds them) and its front door."""
 
@@ -200,19 +222,7 @@ class Fleet:
 
     def configuration(self) -> str:
         """The environment's Terraform configuration, rendered from its template."""
-        return render.render(
-            self.config.templates_dir,
-            TEMPLATE.format(target=self.environment.target),
-            {
-                "image": self.image.name,
-                "environment": self.environment.name,
-                "memory": self.environment.memory,
-                "cpus": CPUS,
-                "health_path": self.environment.health.path,
-                "health_timeout": self.environment.health.timeout,
-                "http_guest_port": self.image.service_port,
-            },
-        )
+        return configuration(self.config, self.environment)
 
     def converge(self, members: dict[str, Member]) -> Plan:
         """Make Terraform hold exactly `members`: create what is new, destroy what is not."""
