@@ -6,8 +6,8 @@ line on stderr holding every fragment of `says`, the exit code `exit`, no traceb
 one file written. `{project}` in a fragment stands for the project's folder.
 
 A case may start from a state: "registry" (an empty registry, as after a first command),
-"web-built" (web 1.0.0 baked, not verified) or "web-verified" (web 1.0.0 verified), made by
-tests/test_badinput.py. The disks of those states start as qcow2 files do; they are never booted.
+"web-built" (web 1.0.0 baked, not verified) or "web-verified" (web 1.0.0 verified, channel dev
+on it), made by tests/test_badinput.py. Their disks start as qcow2 files do and are never booted.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ API_ENV = "  edge:\n    image: api\n"
 # The example template, with one line taken out to put a broken one in its place.
 TEMPLATE = "templates/packer/local.pkr.hcl.j2"
 TIMEOUT_LINE = "  ssh_timeout          = {{ ssh_timeout | hcl }}\n"
+TF_TEMPLATE = "templates/terraform/local/main.tf.j2"
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,21 @@ CASES = [
         3,
         (f"{{project}}/{TEMPLATE}", "includes a template that does not exist"),
         replace=_template_line('{% include "nope.j2" %}\n'),
+    ),
+    Bad(
+        "terraform-template-undefined-name-at-plan",
+        PLAN,
+        3,
+        (f"{{project}}/{TF_TEMPLATE}:77: undefined name: 'health_timeot' is undefined",),
+        replace={TF_TEMPLATE: [("{{ health_timeout | hcl }}", "{{ health_timeot | hcl }}")]},
+    ),
+    Bad(
+        "terraform-template-undefined-name-at-deploy",
+        "deploy dev",
+        3,
+        (f"{{project}}/{TF_TEMPLATE}:77: undefined name: 'health_timeot' is undefined",),
+        replace={TF_TEMPLATE: [("{{ health_timeout | hcl }}", "{{ health_timeot | hcl }}")]},
+        state="web-verified",
     ),
     Bad(
         "template-missing",

@@ -63,6 +63,8 @@ def _seed(project: Path, state: str) -> None:
             parent=("debian", "1.0.0"),
             manifest={"image": "web", "version": "1.0.0", "roles": ["base", "webservice"]},
         )
+        if state == "web-verified":
+            registry.promote("web", "dev", "1.0.0")
     finally:
         registry.close()
 
