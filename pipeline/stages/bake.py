@@ -96,7 +96,7 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
         "sha256": "0" * 64,
         "kernel": stand_in / "vmlinuz",
         "initrd": stand_in / "initrd.img",
-        "append": baseimage.APPEND,
+        "append": qemu.kernel_args(baseimage.APPEND),
     }
     context_vars = packer_context(
         config,
@@ -478,7 +478,7 @@ def _packer_build(
             "sha256": _base_sha256(config.state_dir, base),
             "kernel": base.kernel,
             "initrd": base.initrd,
-            "append": base.append,
+            "append": qemu.kernel_args(base.append),
         },
         accel={
             "packer": _arg_after(qemu_accel, "-accel"),
