@@ -54,7 +54,10 @@ def test_ssh_key_is_created_once(tmp_path: Path) -> None:
 
 def test_accel_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PIPELINE_ACCEL", "tcg")
-    assert accel.accel_args(tmp_path) == ["-accel", "tcg", "-cpu", "max"]
+    monkeypatch.delenv("PIPELINE_TCG_CPU", raising=False)
+    assert accel.accel_args(tmp_path) == ["-accel", "tcg", "-cpu", "qemu64"]
+    monkeypatch.setenv("PIPELINE_TCG_CPU", "Haswell-noTSX")
+    assert accel.accel_args(tmp_path) == ["-accel", "tcg", "-cpu", "Haswell-noTSX"]
     monkeypatch.setenv("PIPELINE_ACCEL", "kvm")
     assert accel.accel_args(tmp_path) == ["-accel", "kvm", "-cpu", "host"]
     monkeypatch.setenv("PIPELINE_ACCEL", "xen")
@@ -74,7 +77,13 @@ def test_accel_uses_a_cached_verdict_for_this_qemu(
     # A verdict from another QEMU is probed again; with no kernel to probe, emulation.
     verdict["qemu"] = "QEMU emulator version 0.1"
     (tmp_path / "accel.json").write_text(json.dumps(verdict))
-    assert accel.accel_args(tmp_path) == accel.TCG_ARGS
+    assert accel.accel_args(tmp_path) == ["-accel", "tcg", "-cpu", accel.TCG_CPU]
+
+
+def test_vms_boot_quietly_unless_the_image_says_how_loud() -> None:
+    assert qemu.kernel_args("root=/dev/vda console=ttyS0") == "root=/dev/vda console=ttyS0 quiet"
+    assert qemu.kernel_args("root=/dev/vda quiet") == "root=/dev/vda quiet"
+    assert qemu.kernel_args("root=/dev/vda loglevel=7") == "root=/dev/vda loglevel=7"
 
 
 def test_is_running_rejects_a_pid_that_is_not_our_qemu(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
         image.version,
         build_id="check",
         base=base,
-        accel={"packer": "tcg", "cpu": "max"},
+        accel={"packer": "tcg", "cpu": accel.TCG_CPU},
         ssh_key=config.state_dir / "keys" / "id_ed25519",
         run_dir=stand_in,
         work=stand_in,
