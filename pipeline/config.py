@@ -16,6 +16,7 @@ import yaml
 
 from pipeline import cron
 from pipeline.errors import ConfigError, UsageError
+from pipeline.secret import MIN_LENGTH, SecretVar, remember
 
 CONFIG_NAME = "pipeline.yml"
 SEMVER = re.compile(
@@ -29,6 +30,7 @@ SEMVER = re.compile(
 MAX_INSTANCES = 32
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TARGETS = ("local",)
 STRATEGIES = ("rolling", "blue_green")
@@ -82,6 +84,8 @@ class ImageConfig:
     parent: str | None = None
     template: str = "packer/local.pkr.hcl.j2"
     vars: dict[str, Any] = field(default_factory=dict)
+    # Variables whose values reach the roles but are never written down (see pipeline.secret).
+    secret_vars: dict[str, SecretVar] = field(default_factory=dict)
     bump: str = "patch"
     # Bumps for changes of one kind of input (see BUMP_INPUTS); the largest that applies wins.
     bump_on: dict[str, str] = field(default_factory=dict)
@@ -166,6 +170,8 @@ class Config:
     # The registry's URL (sqlite:///PATH or postgresql://...); None: state_dir/registry.db.
     registry: str | None = None
     bases: dict[str, BaseConfig] = field(default_factory=dict)
+    # A file holding the Ansible Vault password for encrypted values in the roles.
+    vault_password_file: Path | None = None
 
     @property
     def roles_dir(self) -> Path:
@@ -353,7 +359,15 @@ def parse(data: Any, path: Path) -> Config:
     top = reader.mapping(
         data,
         "",
-        {"state_dir", "terraform", "registry", "bases", "images", "environments"},
+        {
+            "state_dir",
+            "terraform",
+            "registry",
+            "bases",
+            "images",
+            "environments",
+            "vault_password_file",
+        },
         {"images", "environments"},
     )
     root = path.resolve().parent
@@ -397,7 +411,25 @@ def parse(data: Any, path: Path) -> Config:
             raise reader.fail("registry", message)
         if registry.startswith("sqlite:///") and not registry.startswith("sqlite:////"):
             registry = f"sqlite:///{root / registry.removeprefix('sqlite:///')}"
-    return Config(path, root, state_dir, images, environments, terraform, registry, bases)
+    vault_password_file = None
+    if top.get("vault_password_file") is not None:
+        given = reader.string(top["vault_password_file"], "vault_password_file")
+        vault_password_file = root / Path(given).expanduser()
+        if "{{" in str(vault_password_file):
+            shown = repr(str(vault_password_file))
+            message = f"{shown} holds '{{{{', which Packer would read as a template"
+            raise reader.fail("vault_password_file", message)
+    return Config(
+        path,
+        root,
+        state_dir,
+        images,
+        environments,
+        terraform,
+        registry,
+        bases,
+        vault_password_file,
+    )
 
 
 def _base(reader: _Reader, name: str, raw: Any, key: str) -> BaseConfig:
@@ -444,6 +476,7 @@ def _image(
         "base",
         "template",
         "vars",
+        "secret_vars",
         "bump",
         "service_port",
         "health_path",
@@ -481,6 +514,11 @@ def _image(
     for var, value in variables.items():
         reader.string(var, f"{key}.vars.{var}", ROLE_NAME)
         reader.plain_value(value, f"{key}.vars.{var}")
+    secret_vars = _secret_vars(reader, item.get("secret_vars", {}), f"{key}.secret_vars")
+    for var in secret_vars:
+        if var in variables:
+            message = "is declared under vars too; a variable is either secret or not"
+            raise reader.fail(f"{key}.secret_vars.{var}", message)
 
     template = reader.string(item.get("template", ImageConfig.template), f"{key}.template")
     if template.startswith("/") or ".." in template.split("/"):
@@ -496,6 +534,7 @@ def _image(
         parent=parent,
         template=template,
         vars=dict(variables),
+        secret_vars=secret_vars,
         bump=bump,
         bump_on=bump_on,
         service_port=reader.integer(
@@ -506,6 +545,28 @@ def _image(
         if item.get("schedule") is not None
         else None,
     )
+
+
+def _secret_vars(reader: _Reader, raw: Any, key: str) -> dict[str, SecretVar]:
+    """`secret_vars: {NAME: VALUE}` or `{NAME: {env: VARIABLE}}`. No message shows a value."""
+    found = {}
+    for name, value in reader.any_mapping(raw, key).items():
+        where = f"{key}.{name}"
+        reader.string(name, where, ROLE_NAME)
+        if isinstance(value, dict):
+            source = reader.mapping(value, where, {"env"}, {"env"})
+            env = reader.string(source["env"], f"{where}.env", ENV_NAME)
+            found[name] = SecretVar(name=name, key=where, env=env)
+            continue
+        if not isinstance(value, str):
+            message = f"must be a string or {{env: VARIABLE}}, got {_kind(value)} (quote it)"
+            raise reader.fail(where, message)
+        if len(value) < MIN_LENGTH:
+            message = f"a secret needs at least {MIN_LENGTH} characters to be masked in logs"
+            raise reader.fail(where, message)
+        remember(value)
+        found[name] = SecretVar(name=name, key=where, value=value)
+    return found
 
 
 def _schedule(reader: _Reader, raw: Any, key: str, parent: str | None) -> ScheduleConfig:
