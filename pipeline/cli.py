@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from pipeline import api, log
+from pipeline import api, log, secret
 from pipeline.errors import EXIT_CODES, Interrupted, PipelineError
 
 
@@ -247,8 +247,9 @@ def _print_json(data: Any) -> None:
             return asdict(value)
         return str(value)
 
-    json.dump(data, sys.stdout, indent=2, default=default, sort_keys=True)
-    sys.stdout.write("\n")
+    # No secret should reach this data; a mask is the net if one ever does.
+    text = json.dumps(data, indent=2, default=default, sort_keys=True)
+    sys.stdout.write(secret.redact(text) + "\n")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -686,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"pipeline: error: {exc}", file=sys.stderr)
+        print(f"pipeline: error: {secret.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Exception:
         traceback.print_exc()

@@ -14,6 +14,8 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+from pipeline import secret
+
 LOGGER = "pipeline"
 TIMES_VARIABLE = "PIPELINE_LOG_TIMES"
 
@@ -27,10 +29,18 @@ def setup(verbosity: int) -> None:
         handler.setFormatter(stamped)
     else:
         handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_mask_secrets)
     root = logging.getLogger(LOGGER)
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
     root.propagate = False
+
+
+def _mask_secrets(record: logging.LogRecord) -> bool:
+    """Every line shown masks the secrets the pipeline knows (a tool's output at -v too)."""
+    record.msg = secret.redact(record.getMessage())
+    record.args = None
+    return True
 
 
 class Context(logging.LoggerAdapter):  # type: ignore[type-arg]

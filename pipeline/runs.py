@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import secret
 from pipeline.files import write_json_atomic
 from pipeline.tools import process
 
@@ -55,8 +56,9 @@ class Run:
     def event(self, name: str, **data: Any) -> None:
         """Append one event to events.jsonl."""
         record = {"time": _now(), "event": name, **data}
+        line = secret.redact(json.dumps(record, sort_keys=True, default=str))
         with (self.dir / "events.jsonl").open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            out.write(line + "\n")
 
     def command(
         self, argv: Sequence[str], *, what: str, prefix: str = "", **kwargs: Any
@@ -82,7 +84,7 @@ class Run:
         return done
 
     def finish(self, state: str, exit_code: int, message: str = "", **result: Any) -> None:
-        """Write the final status of the run."""
+        """Write the final status of the run, and mask any secret left in the run folder."""
         self._status.update(
             state=state,
             exit_code=exit_code,
@@ -91,7 +93,9 @@ class Run:
             seconds=round(time.time() - self.started, 1),
             result=result,
         )
+        self._status = json.loads(secret.redact(json.dumps(self._status, default=str)))
         write_json_atomic(self.dir / "status.json", self._status)
+        secret.REDACTOR.scrub(self.dir)
 
     def _record_command(
         self,
@@ -111,7 +115,7 @@ class Run:
             "seconds": None if seconds is None else round(seconds, 1),
         }
         with (self.dir / "commands.jsonl").open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(secret.redact(json.dumps(record)) + "\n")
 
 
 def _now() -> str:

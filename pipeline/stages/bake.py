@@ -14,14 +14,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline import fingerprint as fp
-from pipeline import render
+from pipeline import render, secret
 from pipeline.config import BUMPS, Config, ImageConfig
 from pipeline.errors import ConfigError, Interrupted, ToolError, UsageError
 from pipeline.log import context
@@ -47,6 +47,9 @@ class Inputs:
     parts: dict[str, str]
     roles: dict[str, str]
     tools: dict[str, str]
+    # The secret variables' values (for Ansible only) and their keyed hashes (for the record).
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    secret_digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -90,6 +93,7 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
     """
     role_dirs(config, image)
     template_path(config, image)
+    secret_values(config, image)
     stand_in = config.state_dir / "check"
     base = {
         "disk": stand_in / "disk.qcow2",
@@ -108,8 +112,22 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
         ssh_key=config.state_dir / "keys" / "id_ed25519",
         run_dir=stand_in,
         work=stand_in,
+        vars_file=stand_in / "bake-vars.json",
     )
     render.render(config.templates_dir, image.template, context_vars)
+
+
+def secret_values(config: Config, image: ImageConfig) -> dict[str, str]:
+    """The values of the image's secret variables, each now masked in everything written.
+
+    Also reads the vault password and decrypts what Ansible Vault encrypts in the image's roles,
+    so that those values are masked too and a wrong password is found before a VM boots.
+    """
+    password = None
+    if config.vault_password_file is not None:
+        password = secret.read_vault_password(config.vault_password_file, config.path)
+    secret.vault_values(role_dirs(config, image).values(), password, config.path)
+    return {name: var.resolve(config.path) for name, var in image.secret_vars.items()}
 
 
 def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
@@ -127,14 +145,28 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         base = baseimage.ensure_base_image(config.state_dir, spec, log_dir=run.dir / "logs")
         base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
         base_part = base.fingerprint
-    parts, tools = _parts(config, image, roles, template, base_part)
+    values = secret_values(config, image)
+    digests = secret.digests(values, secret.digest_key(config.state_dir, create=True))
+    parts, tools = _parts(config, image, roles, template, base_part, digests)
     return Inputs(
-        image=image, base=base, base_version=base_version, parts=parts, roles=roles, tools=tools
+        image=image,
+        base=base,
+        base_version=base_version,
+        parts=parts,
+        roles=roles,
+        tools=tools,
+        secrets=values,
+        secret_digests=digests,
     )
 
 
 def _parts(
-    config: Config, image: ImageConfig, roles: dict[str, str], template: Path, base_part: str
+    config: Config,
+    image: ImageConfig,
+    roles: dict[str, str],
+    template: Path,
+    base_part: str,
+    secret_digests: dict[str, str],
 ) -> tuple[dict[str, str], dict[str, str]]:
     tools = {
         "packer": binary_version(config.state_dir, "packer", ("version",)),
@@ -151,6 +183,9 @@ def _parts(
         "base": base_part,
         "tools": fp.hash_value(tools),
     }
+    if secret_digests:
+        # Only when there are secrets: the fingerprints of images without any stay as they were.
+        parts["secret_vars"] = fp.hash_value(secret_digests)
     return parts, tools
 
 
@@ -178,7 +213,9 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
             base_label = f"a new version of base {image.base.name}"
             notes.append(f"base {image.base.name} would get a new version (built from packages)")
         base_part = base_fp or "new"
-    parts, _tools = _parts(config, image, roles, template, base_part)
+    values = secret_values(config, image)
+    digests = secret.digests(values, secret.digest_key(config.state_dir, create=False))
+    parts, _tools = _parts(config, image, roles, template, base_part, digests)
     fingerprint = fp.combine(parts)[:16]
     existing = registry.by_fingerprint(image.name, fingerprint)
     if existing is not None and (Path(existing.path) / "disk.qcow2").is_file():
@@ -192,7 +229,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
         }
     previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, parts)
-    reasons = notes + _changes(previous, parts, roles, image)
+    reasons = notes + _changes(previous, parts, roles, image, digests)
     for building in registry.abandoned_builds(image.name):
         reasons.append(f"version {building.version} is being baked now (or its bake died)")
     if existing is not None:
@@ -226,7 +263,11 @@ def previous_inputs(registry: Registry, image: str) -> ImageVersion | None:
 
 
 def _changes(
-    previous: ImageVersion | None, parts: dict[str, str], roles: dict[str, str], image: ImageConfig
+    previous: ImageVersion | None,
+    parts: dict[str, str],
+    roles: dict[str, str],
+    image: ImageConfig,
+    secret_digests: dict[str, str],
 ) -> list[str]:
     """In words: which inputs differ from the newest version's."""
     if previous is None:
@@ -240,7 +281,11 @@ def _changes(
         )
         what = ", ".join(changed) if changed else "their order"
         reasons.append(f"roles changed: {what}")
-    if before.get("vars") != parts["vars"] or before.get("service_port") != parts["service_port"]:
+    if (
+        before.get("vars") != parts["vars"]
+        or before.get("secret_vars") != parts.get("secret_vars")
+        or before.get("service_port") != parts["service_port"]
+    ):
         old_vars = {
             k: v
             for k, v in previous.manifest.get("vars", {}).items()
@@ -248,6 +293,12 @@ def _changes(
         }
         keys = sorted(
             k for k in set(image.vars) | set(old_vars) if image.vars.get(k) != old_vars.get(k)
+        )
+        old_secrets = previous.manifest.get("secret_vars", {})
+        keys += sorted(
+            name
+            for name in set(secret_digests) | set(old_secrets)
+            if secret_digests.get(name) != old_secrets.get(name)
         )
         reasons.append("variables changed" + (f": {', '.join(keys)}" if keys else ""))
     if before.get("template") != parts["template"]:
@@ -329,6 +380,7 @@ PART_KINDS = {
     "role_order": "roles",
     "roles": "roles",
     "vars": "vars",
+    "secret_vars": "vars",
     "service_port": "vars",
     "template": "template",
     "base": "base",
@@ -360,7 +412,7 @@ def abandon_stale_builds(config: Config, registry: Registry, image: str) -> None
 
 
 def role_vars(image: ImageConfig, version: str, build_id: str) -> dict[str, Any]:
-    """The variables the roles get, at bake and again at verify."""
+    """The variables the roles get, at bake and again at verify, but for the secret ones."""
     return {
         "webservice_port": image.service_port,
         **image.vars,
@@ -451,9 +503,10 @@ def _record_failure(registry: Registry, reserved: ImageVersion, exc: BaseExcepti
     elif isinstance(exc, Interrupted):
         reason = str(exc)
     else:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = secret.redact(str(exc)).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         if isinstance(exc, ToolError) and exc.cause:
-            reason = exc.cause.splitlines()[0]
+            reason = secret.redact(exc.cause).splitlines()[0]
     try:
         registry.set_state(reserved.image, reserved.version, "failed", reason[:500])
     except Exception as record_error:  # the bake's own error is the one to report
@@ -462,6 +515,15 @@ def _record_failure(registry: Registry, reserved: ImageVersion, exc: BaseExcepti
 
 def _packer_build(
     config: Config, inputs: Inputs, version: str, *, run: Run, work: Path
+) -> dict[str, Any]:
+    # Ansible reads the variables, secret ones included, from a file outside the run folder
+    # that is deleted when Packer ends; the run folder keeps them with the secrets masked.
+    with secret.private_folder(config.state_dir, f"{run.build_id}-bake") as private:
+        return _packer_build_with(config, inputs, version, run=run, work=work, private=private)
+
+
+def _packer_build_with(
+    config: Config, inputs: Inputs, version: str, *, run: Run, work: Path, private: Path
 ) -> dict[str, Any]:
     image = inputs.image
     base = inputs.base
@@ -487,8 +549,11 @@ def _packer_build(
         ssh_key=key,
         run_dir=run.dir,
         work=work,
+        vars_file=private / "bake-vars.json",
     )
-    write_json_atomic(context_vars["vars_file"], role_vars(image, version, run.build_id))
+    variables = {**role_vars(image, version, run.build_id), **inputs.secrets}
+    secret.write_private_json(context_vars["vars_file"], variables)
+    write_json_atomic(run.dir / "bake-vars.json", secret.masked(variables, inputs.secrets))
     playbook = _bake_playbook(image, packages_file)
     context_vars["playbook"].write_text(yaml.safe_dump(playbook, sort_keys=False))
 
@@ -520,6 +585,8 @@ def _packer_build(
         "roles": inputs.roles,
         "role_order": list(image.roles),
         "vars": role_vars(image, version, run.build_id),
+        # Keyed hashes, not values: enough to tell that a secret changed, not what it is.
+        "secret_vars": inputs.secret_digests,
         "base": {
             "name": inputs.base_version.image,
             "version": inputs.base_version.version,
@@ -546,6 +613,7 @@ def packer_context(
     ssh_key: Path,
     run_dir: Path,
     work: Path,
+    vars_file: Path,
 ) -> dict[str, Any]:
     """The names the Packer template is rendered with: the same for a bake and its check."""
     return {
@@ -562,7 +630,7 @@ def packer_context(
         "ssh_key": ssh_key,
         "ssh_timeout": "10m",
         "playbook": run_dir / "bake.yml",
-        "vars_file": run_dir / "bake-vars.json",
+        "vars_file": vars_file,
         "ansible_env": _ansible_env(config),
         "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
     }
@@ -605,7 +673,9 @@ def _bake_playbook(image: ImageConfig, packages_file: Path) -> list[dict[str, An
 
 
 def _ansible_env(config: Config) -> list[str]:
+    vault = config.vault_password_file
     return [
+        *([f"ANSIBLE_VAULT_PASSWORD_FILE={vault}"] if vault is not None else []),
         f"ANSIBLE_ROLES_PATH={config.roles_dir}",
         "ANSIBLE_HOST_KEY_CHECKING=False",
         "ANSIBLE_PIPELINING=True",

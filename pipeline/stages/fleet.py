@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import render
+from pipeline import render, secret
 from pipeline.config import Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, PipelineError
 from pipeline.files import write_text_atomic
@@ -347,12 +347,16 @@ class Fleet:
         smoke = self.environment.health.smoke
         assert smoke is not None and self.run is not None
         hosts = {name: host_vars(self.config, self.state[name]) for name in names}
+        vault = self.config.vault_password_file
+        if vault is not None:
+            secret.read_vault_password(vault, self.config.path)  # masked in what the runner keeps
         outcome = playbook.run(
             smoke,
             hosts,
             group=self.environment.name,
             folder=self.run.dir / "smoke",
             timeout=self.environment.health.timeout,
+            vault_password_file=vault,
         )
         if not outcome.ok:
             raise GateFailed(f"smoke test {smoke.name} failed: {outcome.summary}")

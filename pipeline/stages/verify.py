@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline import secret
 from pipeline.config import Config
 from pipeline.errors import ConfigError, PipelineError, ToolError, UsageError, VerifyFailed
 from pipeline.log import context
@@ -55,14 +56,16 @@ def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registr
         log.info("already verified; nothing to do")
         return version
 
+    values = baked_secrets(config, version)
     log.info("booting a throwaway copy of build %s", version.build_id)
     run.event("verify.start", version=version.version)
-    env = _molecule_env(config, version, run)
-    failure = ""
-    try:
-        failure = _run_steps(version, env, run)
-    finally:
-        _destroy(version, env, run)
+    with secret.private_folder(config.state_dir, f"{run.build_id}-verify") as private:
+        env = _molecule_env(config, version, run, values, private)
+        failure = ""
+        try:
+            failure = _run_steps(version, env, run)
+        finally:
+            _destroy(version, env, run)
 
     if failure:
         registry.set_state(version.image, version.version, "failed", failure)
@@ -108,13 +111,43 @@ def instance_name(version: ImageVersion, run: Run) -> str:
     return f"verify-{version.image}-{run.build_id}"
 
 
-def _molecule_env(config: Config, version: ImageVersion, run: Run) -> dict[str, str]:
+def baked_secrets(config: Config, version: ImageVersion) -> dict[str, str]:
+    """The secret variables `version` was baked with, from pipeline.yml and the environment.
+
+    The converge applies the roles again with them; a value that differs now would change the
+    image and fail a good version, so it is refused before anything boots.
+    """
+    from pipeline.stages.bake import secret_values
+
+    recorded = version.manifest.get("secret_vars") or {}
+    image = config.image(version.image)
+    values = secret_values(config, image)
+    key = secret.digest_key(config.state_dir, create=False)
+    now = secret.digests({name: values[name] for name in recorded if name in values}, key)
+    differ = sorted(name for name in recorded if now.get(name) != recorded[name])
+    if differ:
+        message = (
+            f"{version.label} was baked with other values of secret variable(s)"
+            f" {', '.join(differ)} than pipeline.yml gives now (or they are no longer declared);"
+            " verify needs the values it was baked with"
+        )
+        raise UsageError(message)
+    return {name: values[name] for name in recorded}
+
+
+def _molecule_env(
+    config: Config, version: ImageVersion, run: Run, secrets: dict[str, str], private: Path
+) -> dict[str, str]:
     manifest = version.manifest
-    vars_file = run.dir / "verify-vars.json"
+    vars_file = private / "verify-vars.json"
     roles = manifest.get("role_order") or list(config.image(version.image).roles)
-    write_json_atomic(vars_file, {**manifest.get("vars", {}), "pipeline_roles": roles})
+    variables = {**manifest.get("vars", {}), **secrets, "pipeline_roles": roles}
+    secret.write_private_json(vars_file, variables)
+    write_json_atomic(run.dir / "verify-vars.json", secret.masked(variables, secrets))
     (run.dir / "molecule").mkdir(exist_ok=True)
+    vault = config.vault_password_file
     return {
+        **({"ANSIBLE_VAULT_PASSWORD_FILE": str(vault)} if vault is not None else {}),
         "PIPELINE_INSTANCE": instance_name(version, run),
         "PIPELINE_IMAGE_DIR": version.path,
         "PIPELINE_APPEND": manifest.get("boot", {}).get("append", baseimage.APPEND),

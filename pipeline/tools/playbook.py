@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import secret
 from pipeline.errors import Interrupted, MissingTool
 
 MARK = "PIPELINE_PLAYBOOK_RUN"
@@ -57,8 +58,13 @@ def run(
     group: str,
     folder: Path,
     timeout: float,
+    vault_password_file: Path | None = None,
 ) -> Outcome:
-    """Run `playbook` against `hosts` (name -> host variables) as group `group`."""
+    """Run `playbook` against `hosts` (name -> host variables) as group `group`.
+
+    With `vault_password_file`, the playbook may use values Ansible Vault encrypts. What the
+    runner leaves on disk (its events, its copy of the output) has every known secret masked.
+    """
     try:
         import ansible_runner
     except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -72,6 +78,7 @@ def run(
     }
     bin_dir = os.path.dirname(sys.executable)
     marker = uuid.uuid4().hex
+    vault = {"ANSIBLE_VAULT_PASSWORD_FILE": str(vault_password_file)} if vault_password_file else {}
     with _cancel_on_signal() as canceled:
         try:
             runner = ansible_runner.run(
@@ -84,6 +91,7 @@ def run(
                     "ANSIBLE_PIPELINING": "True",
                     "ANSIBLE_NOCOLOR": "True",
                     MARK: marker,
+                    **vault,
                 },
                 timeout=int(timeout),
                 quiet=True,
@@ -91,6 +99,7 @@ def run(
             )
         finally:
             kill_marked(marker)
+            secret.REDACTOR.scrub(private)
     if canceled.is_set() or str(runner.status) == "canceled":
         raise Interrupted(f"interrupted during playbook {playbook.name}; it was stopped")
     failed = []

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import secret
 from pipeline.errors import Interrupted, MissingTool, ToolError
 
 TAIL_LINES = 15
@@ -158,7 +159,9 @@ def _pump(
     assert proc.stdout is not None
     for raw in proc.stdout:
         # Tools colour their output even when told not to; logs and messages want plain text.
+        # A secret a tool prints is masked before the line goes anywhere.
         line = ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace").rstrip("\n"))
+        line = secret.redact(line)
         lines.append(line)
         if log_file is not None:
             log_file.write(line + "\n")  # type: ignore[attr-defined]
