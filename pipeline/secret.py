@@ -60,7 +60,13 @@ class SecretVar:
             )
             raise ConfigError(str(config_path), self.key, problem)
         remember(value)
+        HIDDEN_ENV.add(self.env)
         return value
+
+
+# Environment variables holding secrets: the tools the pipeline runs do not inherit them (a
+# tool that dumps its environment into a log or crash report would otherwise write them).
+HIDDEN_ENV: set[str] = set()
 
 
 class Redactor:
