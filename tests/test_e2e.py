@@ -5,6 +5,8 @@ run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> dep
 -> revoke the running version (status warns, deploy refuses) -> roll the channel back and
 deploy -> gc (keeps what Terraform runs, deletes the revoked version's files);
 and a bake whose role fails leaves no image files and no VM, and its version recorded failed.
+Throughout, the image carries a secret from the environment, which Molecule checks reached the
+role; at the end no file the runs left but the images holds it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +35,38 @@ pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND_TIMEOUT = 2400
+
+# The secret every bake of web gives its roles, through secret_vars and the environment.
+CANARY_VARIABLE = "PIPELINE_TEST_CANARY"
+CANARY = f"canary-{uuid.uuid4().hex}"
+CANARY_ROLE = """\
+---
+- name: Keep the token where a service of the image could read it
+  ansible.builtin.copy:
+    content: "{{ canary_token }}\\n"
+    dest: /etc/canary-token
+    owner: root
+    group: root
+    mode: "0600"
+  no_log: true
+"""
+CANARY_VERIFY = """
+- name: The secret reached the role
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Load the variables the image was baked with, its secrets among them
+      ansible.builtin.include_vars:
+        file: "{{ lookup('ansible.builtin.env', 'PIPELINE_VARS_FILE') }}"
+      no_log: true
+
+    - name: The token file in the image holds the secret
+      ansible.builtin.slurp:
+        src: /etc/canary-token
+      register: verify_canary
+      no_log: true
+      failed_when: (verify_canary.content | b64decode) != canary_token ~ "\\n"
+"""
 
 
 class Project:
@@ -97,13 +132,22 @@ def project(
     config["images"]["web"].pop("vars", None)
     # Two waves of one for the fleet of two.
     config["environments"]["dev"]["rollout"] = {"strategy": "rolling", "max_surge": 1}
+    # A secret from the environment, which a role writes into the image and Molecule checks.
+    config["images"]["web"]["roles"].append("canary")
+    config["images"]["web"]["secret_vars"] = {"canary_token": {"env": CANARY_VARIABLE}}
+    (root / "roles" / "canary" / "tasks").mkdir(parents=True)
+    (root / "roles" / "canary" / "tasks" / "main.yml").write_text(CANARY_ROLE)
+    with (root / "molecule" / "web" / "verify.yml").open("a") as verify:
+        verify.write(CANARY_VERIFY)
     (root / "pipeline.yml").write_text(yaml.safe_dump(config))
     _share_base(root / ".pipeline", state_dir)
+    os.environ[CANARY_VARIABLE] = CANARY
     project = Project(root)
     yield project
     project.pipeline("destroy", "dev", check=False)
     for record in qemu.list_vms(project.state / "vms"):
         qemu.stop(record)
+    del os.environ[CANARY_VARIABLE]
 
 
 class Probe:
@@ -564,3 +608,47 @@ def test_ctrl_c_during_a_deploy_leaves_no_vm_and_a_usable_state(project: Project
     assert all(i["health"] == "healthy" for i in healed["instances"])
     project.pipeline("destroy", "dev")
     assert project.vm_processes() == []
+
+
+def _regular_files(root: Path) -> Iterator[Path]:
+    """Every regular file under `root`, not following links (the shared base and keys)."""
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def _holds(path: Path, needle: bytes, chunk: int = 16 << 20) -> bool:
+    """Whether the file's bytes hold `needle`, read in chunks (image disks are large)."""
+    tail = b""
+    with path.open("rb") as data:
+        while block := data.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False
+
+
+def test_no_file_the_runs_left_holds_the_secret(project: Project) -> None:
+    """Run folders, logs, manifests, the registry, Terraform's state, Molecule's and
+    ansible-runner's files, the front door's: none holds the secret the roles were given.
+    The image disks do, which shows the secret reached the role."""
+    listed = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
+    if not any(version["status"] == "verified" for version in listed):
+        # This test alone: one bake and verify, for a role to have been given the secret.
+        project.pipeline("bake", "web")
+        project.pipeline("verify", "web")
+    needle = CANARY.encode()
+    disks = []
+    holding = []
+    for path in _regular_files(project.root):
+        if path.name == "disk.qcow2" and path.parent.parent.parent == project.state / "images":
+            disks.append(path)
+        elif _holds(path, needle):
+            holding.append(str(path))
+
+    assert holding == []
+    assert list((project.state / "private").iterdir()) == []
+    web_disks = [disk for disk in disks if disk.parent.parent.name == "web"]
+    assert any(_holds(disk, needle) for disk in web_disks), web_disks
