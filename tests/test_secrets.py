@@ -18,8 +18,9 @@ from projects import MINIMAL, run_pipeline
 
 from pipeline import api, config, secret
 from pipeline import fingerprint as fp
-from pipeline.errors import ConfigError, ToolError
+from pipeline.errors import ConfigError, ToolError, UsageError
 from pipeline.stages import bake as bake_stage
+from pipeline.stages import verify as verify_stage
 from pipeline.targets.local import baseimage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -360,3 +361,22 @@ def test_a_vault_password_script_is_refused(project: Path) -> None:
     loaded = config.load(project / "pipeline.yml")
     with pytest.raises(ConfigError, match=r"vault_password_file: .* is executable"):
         bake_stage.secret_values(loaded, loaded.image("web"))
+
+
+def test_verify_refuses_a_secret_other_than_the_one_baked_with(project: Path) -> None:
+    baked = api.bake("web").version
+    loaded = config.load(project / "pipeline.yml")
+    assert verify_stage.baked_secrets(loaded, baked) == {
+        "webservice_api_token": CANARY,
+        "webservice_db_password": FROM_ENV,
+    }
+    os.environ["TEST_DB_PASSWORD"] = FROM_ENV + "-rotated"
+
+    with pytest.raises(UsageError) as caught:
+        verify_stage.baked_secrets(loaded, baked)
+
+    assert str(caught.value) == (
+        f"web {baked.version} was baked with other values of secret variable(s)"
+        " webservice_db_password than are given now (or they are no longer declared);"
+        " verify needs the values it was baked with"
+    )

@@ -128,7 +128,7 @@ def baked_secrets(config: Config, version: ImageVersion) -> dict[str, str]:
     if differ:
         message = (
             f"{version.label} was baked with other values of secret variable(s)"
-            f" {', '.join(differ)} than pipeline.yml gives now (or they are no longer declared);"
+            f" {', '.join(differ)} than are given now (or they are no longer declared);"
             " verify needs the values it was baked with"
         )
         raise UsageError(message)
