@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from pipeline import secret
 from pipeline.registry import picture, retention
 from pipeline.registry.backends import RegistryUnavailable, connect, redact
 from pipeline.registry.store import (
@@ -44,5 +46,8 @@ def open_registry(state_dir: Path, url: str | None = None) -> Registry:
     """The registry named by $PIPELINE_REGISTRY_URL, else by `url`, else the state folder's."""
     chosen = os.environ.get(URL_VARIABLE) or url
     if chosen:
+        password = urlsplit(chosen).password
+        if password:
+            secret.remember(password)  # masked should a tool or message ever show it
         return Registry(connect(chosen))
     return Registry(connect(default_url(state_dir), create_folder=True))

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline import cron, locks
+from pipeline import cron, locks, secret
 from pipeline.config import Config, ImageConfig, ScheduleConfig
 from pipeline.errors import ConfigError, Interrupted, LockHeld, PipelineError
 from pipeline.files import write_json_atomic
@@ -341,7 +341,8 @@ def _record(
     failures: int | None = None,
 ) -> State:
     def change(state: State) -> None:
-        state.last_result, state.last_reason, state.last_at = result, reason, format_slot(now)
+        masked = secret.redact(reason)
+        state.last_result, state.last_reason, state.last_at = result, masked, format_slot(now)
         if failures is not None:
             state.failures = failures
 

@@ -408,6 +408,8 @@ def abandon_stale_builds(config: Config, registry: Registry, image: str) -> None
         reason = f"its bake (build {stale.build_id}) stopped before it finished"
         registry.set_state(image, stale.version, "failed", reason)
         shutil.rmtree(config.state_dir / "images" / image / f".tmp-{stale.build_id}", True)
+        # A bake killed outright could not delete the file its secrets were in.
+        shutil.rmtree(config.state_dir / "private" / f"{stale.build_id}-bake", True)
         context(stale.label, "bake").warning("recorded as failed: %s", reason)
 
 
