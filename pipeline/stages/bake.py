@@ -146,7 +146,8 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
         base_version = register_base(registry, image.base.name, base, build_id=run.build_id)
         base_part = base.fingerprint
     values = secret_values(config, image)
-    digests = secret.digests(values, secret.digest_key(config.state_dir, create=True))
+    key = secret.digest_key(config.state_dir, create=True) if values else b""
+    digests = secret.digests(values, key)
     parts, tools = _parts(config, image, roles, template, base_part, digests)
     return Inputs(
         image=image,
