@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, ToolError, UsageError
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
 from pipeline.targets.local import baseimage
+from pipeline.tools import playbook
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY = "canary-3f9a1c7e-secret-value"
@@ -380,3 +381,45 @@ def test_verify_refuses_a_secret_other_than_the_one_baked_with(project: Path) ->
         " webservice_db_password than are given now (or they are no longer declared);"
         " verify needs the values it was baked with"
     )
+
+
+SMOKE = """\
+---
+- name: Smoke
+  hosts: all
+  gather_facts: false
+  vars:
+    smoke_token: !vault |
+      {encrypted}
+  tasks:
+    - name: A careless check prints the token it opened
+      ansible.builtin.debug:
+        msg: "token {{{{ smoke_token }}}}"
+"""
+
+
+def test_a_smoke_playbook_opens_vaulted_values_and_the_runner_keeps_them_masked(
+    tmp_path: Path,
+) -> None:
+    book = tmp_path / "playbooks" / "smoke.yml"
+    book.parent.mkdir()
+    book.write_text(SMOKE.format(encrypted=_vault_encrypt(VAULTED).replace("\n", "\n      ")))
+    password = tmp_path / "vault-password"
+    password.write_text(VAULT_PASSWORD + "\n")
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+
+    opened = secret.read_vault_password(password, tmp_path / "pipeline.yml")
+    assert secret.vault_values([book.parent], opened, tmp_path / "pipeline.yml") == 1
+    outcome = playbook.run(
+        book,
+        {"one": local},
+        group="dev",
+        folder=tmp_path / "smoke",
+        timeout=120,
+        vault_password_file=password,
+    )
+
+    assert outcome.ok, outcome.summary
+    assert _files_holding(tmp_path / "smoke", VAULTED, VAULT_PASSWORD) == []
+    events = "".join(p.read_text() for p in (tmp_path / "smoke").rglob("job_events/*.json"))
+    assert f"token {secret.MASK}" in events

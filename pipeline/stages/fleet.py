@@ -349,7 +349,9 @@ class Fleet:
         hosts = {name: host_vars(self.config, self.state[name]) for name in names}
         vault = self.config.vault_password_file
         if vault is not None:
-            secret.read_vault_password(vault, self.config.path)  # masked in what the runner keeps
+            # Known, so masked in what the runner keeps: the password, and what it opens there.
+            password = secret.read_vault_password(vault, self.config.path)
+            secret.vault_values([smoke.parent], password, self.config.path)
         outcome = playbook.run(
             smoke,
             hosts,
