@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from projects import MINIMAL, run_pipeline
 
-from pipeline import api, config, secret
+from pipeline import api, config, log, secret
 from pipeline import fingerprint as fp
 from pipeline.errors import ConfigError, ToolError, UsageError
 from pipeline.stages import bake as bake_stage
@@ -141,6 +142,20 @@ def test_a_secret_inside_a_longer_one_is_masked_as_part_of_the_longer(tmp_path: 
     assert redactor.scrub(tmp_path) == [log]
     assert log.read_text() == "******** / ********\n"
     assert untouched.read_text() == "nothing here\n"
+
+
+def test_the_pipeline_s_own_log_lines_mask_a_known_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger = logging.getLogger(log.LOGGER)
+    for name in ("handlers", "level", "propagate"):
+        monkeypatch.setattr(logger, name, [] if name == "handlers" else getattr(logger, name))
+    log.setup(0)
+    secret.remember("log-line-canary-77")
+
+    log.context("web 1.0.0", "bake").info("a tool said %s", "token=log-line-canary-77")
+
+    assert capsys.readouterr().err == f"[web 1.0.0 > bake] a tool said token={secret.MASK}\n"
 
 
 # A bake through a stand-in Packer.
