@@ -851,4 +851,5 @@ def _pick_version(registry: Registry, image: str, version: str | None) -> ImageV
     versions = registry.versions(image)
     if not versions:
         raise UsageError(f"{image} has no baked version yet (run `pipeline bake {image}`)")
-    return versions[-1]
+    # A listing carries no manifests; verify needs the newest version's (its variables, boot).
+    return registry.get(image, versions[-1].version)
