@@ -20,6 +20,7 @@ from projects import MINIMAL, run_pipeline
 from pipeline import api, config, log, secret
 from pipeline import fingerprint as fp
 from pipeline.errors import ConfigError, ToolError, UsageError
+from pipeline.registry import open_registry
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
 from pipeline.targets.local import baseimage
@@ -396,6 +397,19 @@ def test_verify_refuses_a_secret_other_than_the_one_baked_with(project: Path) ->
         " webservice_db_password than are given now (or they are no longer declared);"
         " verify needs the values it was baked with"
     )
+
+
+def test_verify_of_the_newest_version_gets_its_manifest_and_so_its_secrets(project: Path) -> None:
+    api.bake("web")
+    registry = open_registry(project / ".pipeline")
+    try:
+        newest = api._pick_version(registry, "web", None)
+    finally:
+        registry.close()
+    loaded = config.load(project / "pipeline.yml")
+
+    assert set(newest.manifest["secret_vars"]) == {"webservice_api_token", "webservice_db_password"}
+    assert verify_stage.baked_secrets(loaded, newest)["webservice_api_token"] == CANARY
 
 
 SMOKE = """\
