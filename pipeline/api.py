@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import locks
+from pipeline import locks, reaper
 from pipeline.config import NAME, Config
 from pipeline.errors import Interrupted, PipelineError, UsageError
 from pipeline.files import write_text_atomic
@@ -85,6 +85,14 @@ def _project(
 
 @contextlib.contextmanager
 def _recorded(run: Run) -> Iterator[Run]:
+    # Every process the run starts carries its build id, so that a later run can find and
+    # stop what this one leaves behind if it is killed (see pipeline/reaper.py).
+    with reaper.tagged(run.build_id), _finished(run):
+        yield run
+
+
+@contextlib.contextmanager
+def _finished(run: Run) -> Iterator[Run]:
     try:
         yield run
     except Interrupted as exc:
