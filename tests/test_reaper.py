@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def test_fleet_instances_outlive_the_deploy_that_made_them(
             labels=labels,
         )  # fmt: skip
         (overlay.parent / "record.json").write_text(json.dumps(record.to_json()))
+        # bash takes a moment to exec into the stand-in; until then it is not "our QEMU".
+        deadline = time.monotonic() + 30
+        while not qemu.is_running(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     found = reaper.reap(tmp_path)
 
