@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.files import write_json_atomic
 from pipeline.log import context
+from pipeline.tools import process
 
 RUN_ENV = "PIPELINE_RUN_ID"
 STOP_GRACE = 10.0
@@ -145,21 +146,10 @@ def tagged(build_id: str) -> Iterator[None]:
 
 
 def _marked_processes() -> Iterator[tuple[int, str]]:
-    needle = f"{RUN_ENV}=".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        for item in environ.split(b"\0"):
-            if item.startswith(needle):
-                build_id = item[len(needle) :].decode(errors="replace")
-                # A build id names a folder: nothing else is looked up with it.
-                if build_id and "/" not in build_id and not build_id.startswith("."):
-                    yield int(entry.name), build_id
-                break
+    for pid, build_id in process.marked_processes(RUN_ENV):
+        # A build id names a folder: nothing else is looked up with it.
+        if build_id and "/" not in build_id and not build_id.startswith("."):
+            yield pid, build_id
 
 
 def _fleet_vm_pids(vm_root: Path) -> set[int]:
