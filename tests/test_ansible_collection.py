@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from projects import MINIMAL
 
+from pipeline import api
 from pipeline import config as config_mod
 from pipeline.registry import open_registry
 
@@ -232,3 +233,39 @@ def test_the_roll_playbook_in_check_mode_shows_the_plan_and_bakes_nothing(
     assert "changed=1" in done.stdout
     assert not (project / ".pipeline" / "runs").exists()
     assert not (project / ".pipeline" / "images").exists()
+
+
+def test_bake_in_check_mode_says_why_it_would_rebuild(tmp_path: Path, project: Path) -> None:
+    bake = run_module(tmp_path, project, check=True, action="bake", image="web")
+
+    assert bake["changed"] is True
+    assert bake["version"] == "1.0.0"
+    assert "no version yet" in bake["plan"]["reasons"]  # type: ignore[index]
+    assert not (project / ".pipeline" / "runs").exists()
+
+
+def test_deploy_in_check_mode_gives_terraforms_plan_for_the_channel(
+    tmp_path: Path, project: Path
+) -> None:
+    add_verified(project, tmp_path, "1.0.0")
+    api.promote("web", "dev", config_path=project / "pipeline.yml")
+
+    deploy = run_module(tmp_path, project, check=True, action="deploy", env="dev")
+
+    assert deploy["changed"] is True
+    assert deploy["version"] == "1.0.0"
+    plan = deploy["plan"]
+    assert isinstance(plan, dict)
+    assert [change["action"] for change in plan["changes"]] == ["create", "create"]
+    assert not (project / ".pipeline" / "runs").exists()
+    assert not (project / ".pipeline" / "envs" / "dev" / "terraform" / "terraform.tfstate").exists()
+
+
+def test_verifying_a_verified_version_changes_nothing(tmp_path: Path, project: Path) -> None:
+    add_verified(project, tmp_path, "1.0.0")
+
+    result = run_module(tmp_path, project, action="verify", image="web")
+
+    assert result["changed"] is False
+    assert (result["version"], result["build_id"]) == ("1.0.0", "b-1.0.0")
+    assert not (project / ".pipeline" / "runs").exists()
