@@ -139,9 +139,10 @@ def run(p: dict[str, Any], config_path: Path | None, check: bool) -> dict[str, A
     result = api.run(p["image"], p["env"], config_path=config_path)
     changed = result.baked or result.verified or result.promoted or result.deploy["changed"]
     out = _deployed(result.deploy, changed)
-    out.update(
-        build_id=result.build_id, promotion={"moved": result.promoted, "note": result.promotion}
-    )
+    # The version baked and verified, with its build id (the fleet's is in `deploy`: a channel
+    # already on a newer version stays there).
+    out.update(version=result.version, build_id=result.build_id)
+    out["promotion"] = {"moved": result.promoted, "note": result.promotion}
     return out
 
 
