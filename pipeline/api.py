@@ -315,12 +315,16 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
 
 def deploy_preview(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
     """What `deploy ENV` would do, changing nothing: Terraform's plan for putting the fleet on
-    the version its channel points at now (none planned while the channel points nowhere)."""
+    the version its channel points at now.
+
+    Refuses what `deploy` refuses (a channel pointing nowhere, or at a revoked or unverified
+    version) with the same error, rather than planning a rollout that would not happen.
+    """
     from pipeline.stages import deploy as deploy_stage
 
     with _project(config_path) as (config, registry):
         environment = config.environment(env)
-        target = registry.channel(environment.image, environment.channel)
+        target = deploy_stage.channel_version(registry, environment)
         return deploy_stage.plan(
             config, environment, registry=registry, target=target, future=False
         )

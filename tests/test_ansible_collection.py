@@ -269,3 +269,20 @@ def test_verifying_a_verified_version_changes_nothing(tmp_path: Path, project: P
     assert result["changed"] is False
     assert (result["version"], result["build_id"]) == ("1.0.0", "b-1.0.0")
     assert not (project / ".pipeline" / "runs").exists()
+
+
+def test_deploy_in_check_mode_refuses_a_revoked_channel_version_as_deploy_does(
+    tmp_path: Path, project: Path
+) -> None:
+    add_verified(project, tmp_path, "1.0.0")
+    config_path = project / "pipeline.yml"
+    api.promote("web", "dev", config_path=config_path)
+    api.revoke("web", "1.0.0", reason="CVE-2026-0007 in the service", config_path=config_path)
+
+    planned = run_module(tmp_path, project, check=True, action="deploy", env="dev")
+
+    assert planned["failed"] is True
+    assert planned["rc"] == 6
+    assert "cannot deploy dev: channel dev points at web 1.0.0" in str(planned["msg"])
+    assert "CVE-2026-0007 in the service" in str(planned["msg"])
+    assert "plan" not in planned
