@@ -175,9 +175,13 @@ def promote(
 
 
 def bake_preview(image: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
-    """Whether `bake IMAGE` would make a new version, and why. Changes nothing."""
+    """Whether `bake IMAGE` would make a new version, and why. Changes nothing; refuses what
+    `bake` refuses (the inputs of a revoked version) with the same error."""
     with _project(config_path) as (config, registry):
-        return bake_stage.preview(config, image, registry=registry)
+        preview = bake_stage.preview(config, image, registry=registry)
+        if preview["refused"]:
+            raise UsageError(preview["refused"])
+        return preview
 
 
 def promote_preview(
@@ -282,6 +286,9 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
             raise UsageError(message)
         bake = bake_stage.preview(config, image, registry=registry)
+        if bake["refused"]:
+            # `run` would stop at its bake: say so, rather than plan a version never baked.
+            raise UsageError(bake["refused"])
         channel = registry.channel(image, environment.channel)
         now = channel.version if channel else None
         target = channel

@@ -100,7 +100,9 @@ def run_module(
     return result
 
 
-def add_verified(project: Path, tmp_path: Path, version: str) -> None:
+def add_verified(
+    project: Path, tmp_path: Path, version: str, *, fingerprint: str | None = None
+) -> None:
     """A verified version in the project's registry, with files where an image would be."""
     folder = tmp_path / "images" / version
     folder.mkdir(parents=True)
@@ -113,7 +115,7 @@ def add_verified(project: Path, tmp_path: Path, version: str) -> None:
             "web",
             version,
             build_id=f"b-{version}",
-            fingerprint=version.replace(".", "") * 4,
+            fingerprint=fingerprint or version.replace(".", "") * 4,
             state="verified",
             path=str(folder),
         )
@@ -286,3 +288,21 @@ def test_deploy_in_check_mode_refuses_a_revoked_channel_version_as_deploy_does(
     assert "cannot deploy dev: channel dev points at web 1.0.0" in str(planned["msg"])
     assert "CVE-2026-0007 in the service" in str(planned["msg"])
     assert "plan" not in planned
+
+
+def test_bake_in_check_mode_refuses_the_inputs_of_a_revoked_version_as_bake_does(
+    tmp_path: Path, project: Path
+) -> None:
+    config_path = project / "pipeline.yml"
+    fingerprint = api.bake_preview("web", config_path=config_path)["fingerprint"]
+    add_verified(project, tmp_path, "1.0.0", fingerprint=fingerprint)
+    api.revoke("web", "1.0.0", reason="CVE-2026-0008 in the role", config_path=config_path)
+
+    baked = run_module(tmp_path, project, check=True, action="bake", image="web")
+    ran = run_module(tmp_path, project, check=True, action="run", image="web", env="dev")
+
+    for result in (baked, ran):
+        assert result["failed"] is True
+        assert result["rc"] == 2
+        assert "these inputs are exactly those of web 1.0.0, revoked" in str(result["msg"])
+    assert not (project / ".pipeline" / "runs").exists()
