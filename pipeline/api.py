@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import locks
+from pipeline import locks, reaper
 from pipeline.config import NAME, Config
 from pipeline.errors import Interrupted, PipelineError, UsageError
 from pipeline.files import write_text_atomic
@@ -35,6 +35,7 @@ from pipeline.registry import (
 )
 from pipeline.registry.store import USABLE, format_time, no_collection
 from pipeline.runs import Run
+from pipeline.semver import sort_key
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
 
@@ -85,6 +86,14 @@ def _project(
 
 @contextlib.contextmanager
 def _recorded(run: Run) -> Iterator[Run]:
+    # Every process the run starts carries its build id, so that a later run can find and
+    # stop what this one leaves behind if it is killed (see pipeline/reaper.py).
+    with reaper.tagged(run.build_id), _finished(run):
+        yield run
+
+
+@contextlib.contextmanager
+def _finished(run: Run) -> Iterator[Run]:
     try:
         yield run
     except Interrupted as exc:
@@ -165,6 +174,48 @@ def promote(
         return move, registry.get(image, move.current or version or "")
 
 
+def bake_preview(image: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """Whether `bake IMAGE` would make a new version, and why. Changes nothing; refuses what
+    `bake` refuses (the inputs of a revoked version) with the same error."""
+    with _project(config_path) as (config, registry):
+        preview = bake_stage.preview(config, image, registry=registry)
+        if preview["refused"]:
+            raise UsageError(preview["refused"])
+        return preview
+
+
+def promote_preview(
+    image: str, channel: str, version: str | None = None, *, config_path: Path | str | None = None
+) -> dict[str, Any]:
+    """Where `promote` would move `channel`, changing nothing: `from`, `to` and `moves`.
+
+    Refuses what `promote` refuses (an unusable version, an older one than the channel's) with
+    the same error.
+    """
+    with _project(config_path) as (config, registry):
+        config.image(image)
+        if not NAME.match(channel):
+            raise UsageError(f"{channel!r} is not a channel name (expected {NAME.pattern})")
+        if version is None:
+            newest = registry.latest(image, states=("verified",), unrevoked=True)
+            if newest is None:
+                raise UsageError(f"{image} has no verified, unrevoked version to promote")
+            version = newest.version
+        target = registry.get(image, version)
+        refusal = target.why_unusable()
+        if refusal is not None:
+            raise UsageError(f"cannot promote to {channel}: {refusal}")
+        held = registry.channel(image, channel)
+        current = held.version if held else None
+        moves = current is None or sort_key(version) > sort_key(current)
+        if not moves and current != version:
+            raise UsageError(
+                f"channel {channel} of {image} is already on {current}, newer than {version};"
+                " to move it back, use `--rollback` or `--allow-older`"
+            )
+        return {"image": image, "channel": channel, "from": current, "to": version, "moves": moves}
+
+
 def _promote(
     registry: Registry, image: str, channel: str, version: str, *, allow_older: bool = False
 ) -> ChannelMove:
@@ -227,7 +278,6 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
 def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
     """What `run IMAGE --env ENV` would do, changing nothing: whether the image would be
     baked and why, where the channel would move, and Terraform's plan for the fleet."""
-    from pipeline.semver import sort_key
     from pipeline.stages import deploy as deploy_stage
 
     with _project(config_path, bakes=image, deploys=env) as (config, registry):
@@ -236,6 +286,9 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
             message = f"environment {env!r} runs image {environment.image!r}, not {image!r}"
             raise UsageError(message)
         bake = bake_stage.preview(config, image, registry=registry)
+        if bake["refused"]:
+            # `run` would stop at its bake: say so, rather than plan a version never baked.
+            raise UsageError(bake["refused"])
         channel = registry.channel(image, environment.channel)
         now = channel.version if channel else None
         target = channel
@@ -265,6 +318,23 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
             "move": move,
             "fleet": fleet,
         }
+
+
+def deploy_preview(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:
+    """What `deploy ENV` would do, changing nothing: Terraform's plan for putting the fleet on
+    the version its channel points at now.
+
+    Refuses what `deploy` refuses (a channel pointing nowhere, or at a revoked or unverified
+    version) with the same error, rather than planning a rollout that would not happen.
+    """
+    from pipeline.stages import deploy as deploy_stage
+
+    with _project(config_path) as (config, registry):
+        environment = config.environment(env)
+        target = deploy_stage.channel_version(registry, environment)
+        return deploy_stage.plan(
+            config, environment, registry=registry, target=target, future=False
+        )
 
 
 def deploy(env: str, *, config_path: Path | str | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import secret
+from pipeline import reaper, secret
 from pipeline.files import write_json_atomic
 from pipeline.tools import process
 
@@ -34,6 +34,8 @@ class Run:
     """One invocation's folder: commands, logs, events and final status."""
 
     def __init__(self, state_dir: Path, kind: str, subject: str, build_id: str | None = None):
+        # What a killed run left running is stopped before another starts beside it.
+        reaper.reap(state_dir)
         self.build_id = build_id or new_build_id()
         self.dir = state_dir / "runs" / self.build_id
         self.dir.mkdir(parents=True, exist_ok=False)
@@ -48,6 +50,7 @@ class Run:
             "subject": subject,
             "argv": sys.argv,
             "pid": os.getpid(),
+            "pid_start": reaper.start_ticks(os.getpid()),
             "state": "running",
             "started_at": _now(),
         }

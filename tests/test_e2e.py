@@ -5,6 +5,9 @@ run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> dep
 -> revoke the running version (status warns, deploy refuses) -> roll the channel back and
 deploy -> gc (keeps what Terraform runs, deletes the revoked version's files);
 and a bake whose role fails leaves no image files and no VM, and its version recorded failed.
+Ansible drives the same project: `ansible -i inventories/dev` pings the live fleet, and the
+pipeline.images.image module deploys a second environment under ansible-playbook (changed once,
+then not; check mode touches nothing) that the fleet inventory plugin then lists.
 Throughout, the image carries a secret from the environment, which Molecule checks reached the
 role; at the end no file the runs left but the images holds it.
 """
@@ -125,8 +128,16 @@ def project(
     tmp_path_factory: pytest.TempPathFactory, state_dir: Path, base_image: BaseImage
 ) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("project")
-    for name in ("roles", "templates", "molecule", "inventories", "playbooks"):
+    for name in (
+        "roles",
+        "templates",
+        "molecule",
+        "inventories",
+        "playbooks",
+        "ansible_collections",
+    ):
         shutil.copytree(REPO / name, root / name)
+    shutil.copy2(REPO / "ansible.cfg", root / "ansible.cfg")
     config = yaml.safe_load((REPO / "pipeline.yml").read_text())
     # The page's text comes from the role's own default, so that editing the role changes it.
     config["images"]["web"].pop("vars", None)
@@ -210,6 +221,53 @@ def _apply_log(run_dir: str) -> list[str]:
     return logs[-1].read_text().splitlines()
 
 
+def _ansible(project: Project, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """An Ansible command of this venv, run from the project's folder as its README says."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name(tool)), *args],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+        # The collection imports this checkout's library, as the tests do.
+        env={**os.environ, "PYTHONPATH": str(REPO), "ANSIBLE_NOCOLOR": "1"},
+    )
+
+
+def _image_module(project: Project, folder: Path, *, check: bool = False, **options: str) -> dict:
+    """Run the pipeline.images.image module once with ansible-playbook; return its result."""
+    result = folder / "result.json"
+    play = {
+        "name": "Drive the pipeline from Ansible",
+        "hosts": "localhost",
+        "connection": "local",
+        "gather_facts": False,
+        "tasks": [
+            {
+                "name": "The image module",
+                "pipeline.images.image": {"project": str(project.root), **options},
+                "register": "out",
+                "check_mode": check,
+            },
+            {
+                "name": "Keep what it returned",
+                "ansible.builtin.copy": {"content": "{{ out | to_json }}", "dest": str(result)},
+                "check_mode": False,
+            },
+        ],
+    }
+    playbook = folder / "play.yml"
+    playbook.write_text(json.dumps([play]))
+    result.unlink(missing_ok=True)
+    interpreter = f"ansible_python_interpreter={sys.executable}"
+    done = _ansible(
+        project, "ansible-playbook", "-i", "localhost,", "-e", interpreter, str(playbook)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(result.read_text())
+
+
 def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     # First run: bake, verify, promote, deploy two healthy instances behind the front door.
     first, _ = project.run_json("run", "web", "--env", "dev")
@@ -233,22 +291,8 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     assert status["front_door"] == door
 
     # Ansible reaches the live fleet through the environment's inventory.
-    ping = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible")),
-            "-i",
-            "inventories/dev",
-            "all",
-            "-m",
-            "ansible.builtin.ping",
-            "-o",
-        ],
-        cwd=project.root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PIPELINE": str(Path(sys.executable).with_name("pipeline"))},
+    ping = _ansible(
+        project, "ansible", "-i", "inventories/dev", "all", "-m", "ansible.builtin.ping", "-o"
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert sorted(re.findall(r"^(\S+) \| SUCCESS", ping.stdout, re.M)) == sorted(first_names)
@@ -384,6 +428,107 @@ def _revoke_roll_back_and_collect(project: Project, first: dict, second: dict, d
     assert not (project.state / "images" / "web" / new).exists()
     listed = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
     assert [v["version"] for v in listed] == [old]
+
+
+def _ops_vms(project: Project) -> dict[str, int]:
+    """The VMs of the environment `ops` that the product's records say run: name -> QEMU pid."""
+    records = qemu.list_vms(project.state / "vms")
+    return {r.name: r.pid for r in records if r.name.startswith("web-ops-") and qemu.is_running(r)}
+
+
+def _ops_state(project: Project) -> dict[str, object]:
+    """What a deploy of `ops` would change: Terraform's state, the record, runs, VMs, registry."""
+    env = project.state / "envs" / "ops"
+    return {
+        "tfstate": (env / "terraform" / "terraform.tfstate").read_bytes(),
+        "record": (env / "record.json").read_bytes(),
+        "runs": sorted(p.name for p in (project.state / "runs").iterdir()),
+        "vms": _ops_vms(project),
+        "registry": project.pipeline("images", "list", "web", "--json").stdout,
+    }
+
+
+def test_ansible_deploys_an_environment_through_the_module_and_lists_it(
+    project: Project, tmp_path: Path
+) -> None:
+    """After the story: a second environment of one instance on the dev channel, deployed by the
+    module under ansible-playbook, then listed by the fleet inventory plugin."""
+    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
+    channel_version = status["channel_version"]
+    shown = project.pipeline("images", "show", "web", channel_version, "--json")
+    build_id = json.loads(shown.stdout)["build_id"]
+    ops = {"image": "web", "channel": "dev", "instances": 1, "health": {"path": "/healthz"}}
+    _set_config(project, lambda c: c["environments"].update(ops=ops))
+    source = project.root / "inventories" / "ops"
+    source.mkdir()
+    (source / "fleet.yml").write_text("plugin: pipeline.images.fleet\nenv: ops\n")
+    try:
+        _deploy_ops_from_ansible(project, tmp_path, channel_version, build_id)
+    finally:
+        project.pipeline("destroy", "ops", check=False)
+        _set_config(project, lambda c: c["environments"].pop("ops"))
+
+    assert _ops_vms(project) == {}
+    assert [p for p in project.vm_processes() if "web-ops-" in p] == []
+    assert [p for p in project.processes("haproxy") if "/envs/ops/" in p] == []
+
+
+def _deploy_ops_from_ansible(
+    project: Project, folder: Path, channel_version: str, build_id: str
+) -> None:
+    # Check mode before anything runs: one instance to create, and nothing created.
+    planned = _image_module(project, folder, check=True, action="deploy", env="ops")
+    assert planned["changed"] is True
+    assert planned["version"] == channel_version
+    assert [c["action"] for c in planned["plan"]["changes"]] == ["create"]
+    assert not (project.state / "envs" / "ops" / "terraform" / "terraform.tfstate").exists()
+    assert _ops_vms(project) == {}
+
+    # The deploy boots the instance and says so, with the version, its build and the instance.
+    first = _image_module(project, folder, action="deploy", env="ops")
+    assert first["changed"] is True
+    assert (first["version"], first["build_id"]) == (channel_version, build_id)
+    [instance] = first["instances"]
+    assert instance["name"].startswith(f"web-ops-{build_id}-")
+    assert (instance["version"], instance["health"]) == (channel_version, "healthy")
+    assert f"image: web {channel_version}" in _page(instance["url"])
+    booted = _ops_vms(project)
+    assert list(booted) == [instance["name"]]
+
+    # The same task again: nothing to change, and no VM booted or replaced.
+    again = _image_module(project, folder, action="deploy", env="ops")
+    assert again["changed"] is False
+    assert (again["version"], again["build_id"]) == (channel_version, build_id)
+    assert [i["name"] for i in again["instances"]] == [instance["name"]]
+    assert _ops_vms(project) == booted
+
+    # Check mode against the live environment: no change, and no state touched.
+    before = _ops_state(project)
+    checked = _image_module(project, folder, check=True, action="deploy", env="ops")
+    assert checked["changed"] is False
+    assert (checked["version"], checked["plan"]["changes"]) == (channel_version, [])
+    assert _ops_state(project) == before
+
+    # The fleet inventory plugin lists the live instance with what the module returned.
+    listed = _ansible(project, "ansible-inventory", "-i", "inventories/ops", "--list")
+    assert listed.returncode == 0, listed.stderr
+    inventory = json.loads(listed.stdout)
+    assert inventory["ops"]["hosts"] == [instance["name"]]
+    hostvars = {
+        key: _not_wrapped(value)
+        for key, value in inventory["_meta"]["hostvars"][instance["name"]].items()
+    }
+    assert (hostvars["image_version"], hostvars["image_build_id"]) == (channel_version, build_id)
+    assert hostvars["instance_url"] == instance["url"]
+    assert hostvars["ansible_host"] == "127.0.0.1"
+
+
+def _not_wrapped(value: object) -> object:
+    # ansible-core 2.19 writes a string an inventory plugin set as {"__ansible_unsafe": text},
+    # so that Ansible reading the listing back never templates it.
+    if isinstance(value, dict) and list(value) == ["__ansible_unsafe"]:
+        return value["__ansible_unsafe"]
+    return value
 
 
 LAYER_VERIFY = """\

@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
         ["mypy", "pipeline"],
+        ["mypy", *map(str, (REPO / "ansible_collections").rglob("plugins/**/*.py"))],
         ["ansible-lint", "--nocolor", "--profile", "production", "roles", "molecule", "playbooks"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy", "ansible-lint"],
+    ids=["ruff-check", "ruff-format", "mypy", "mypy-collection", "ansible-lint"],
 )
 def test_the_code_is_lint_and_type_clean(argv: list[str]) -> None:
     tool = Path(sys.executable).parent / argv[0]

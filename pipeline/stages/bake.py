@@ -193,6 +193,8 @@ def _parts(
 def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str, Any]:
     """Whether `bake` would make a new version, and why: which inputs changed. Changes nothing.
 
+    `refused` says why `bake` would refuse instead (the inputs are a revoked version's).
+
     A base image that is not built yet is not built here: its new version is announced.
     """
     image = config.image(image_name)
@@ -227,6 +229,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
             "version": existing.version,
             "state": existing.state,
             "reasons": [f"unchanged: these inputs are version {existing.version}"],
+            "refused": None,
         }
     previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, parts)
@@ -243,6 +246,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
         "bump": bump,
         "on": base_label,
         "reasons": reasons,
+        "refused": refusal_to_bake(registry, image.name, fingerprint),
     }
 
 
@@ -425,6 +429,22 @@ def role_vars(image: ImageConfig, version: str, build_id: str) -> dict[str, Any]
     }
 
 
+def refusal_to_bake(registry: Registry, image_name: str, fingerprint: str) -> str | None:
+    """Why inputs with this fingerprint may not be baked (they are a revoked version's), or None.
+
+    Baking them again would only bring back what was revoked, under a new number.
+    """
+    twins = registry.revoked_with_fingerprint(image_name, fingerprint)
+    if not twins:
+        return None
+    twin = twins[0]
+    assert twin.revocation is not None
+    return (
+        f"these inputs are exactly those of {twin.label}, revoked: {twin.revocation.reason};"
+        " change the roles, variables, template or base before baking again"
+    )
+
+
 def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> BakeResult:
     """Bake `image_name` unless a version with the same fingerprint exists."""
     image = config.image(image_name)
@@ -448,13 +468,9 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
         run.event("bake.unchanged", version=existing.version, fingerprint=inputs.fingerprint)
         return BakeResult(existing, baked=False)
 
-    for twin in registry.revoked_with_fingerprint(image.name, inputs.fingerprint):
-        assert twin.revocation is not None
-        # Baking them again would only bring back what was revoked, under a new number.
-        raise UsageError(
-            f"these inputs are exactly those of {twin.label}, revoked: {twin.revocation.reason};"
-            " change the roles, variables, template or base before baking again"
-        )
+    refusal = refusal_to_bake(registry, image.name, inputs.fingerprint)
+    if refusal is not None:
+        raise UsageError(refusal)
     abandon_stale_builds(config, registry, image.name)
     previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, inputs.parts)

@@ -10,7 +10,6 @@ blue/green rollout's kept old fleet. Nothing is ever changed inside a running VM
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import locks
+from pipeline import locks, reaper
 from pipeline.config import MAX_INSTANCES, Config, EnvironmentConfig
 from pipeline.errors import DeployFailed, Interrupted, RolledBack, UsageError
 from pipeline.log import TIMES_VARIABLE, context
@@ -522,7 +521,8 @@ def _finish_later(config: Config, environment: EnvironmentConfig, record: rollou
             ],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output,
             start_new_session=True, cwd=config.root,
-            env={**os.environ, TIMES_VARIABLE: "1"},
+            # Unmarked: it outlives this run on purpose, and must not be taken for its leftover.
+            env={**reaper.untagged_environ(), TIMES_VARIABLE: "1"},
         )  # fmt: skip
 
 

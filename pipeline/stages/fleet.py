@@ -448,6 +448,7 @@ def host_vars(config: Config, item: dict[str, Any]) -> dict[str, Any]:
         "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
         "ansible_python_interpreter": "/usr/bin/python3",
         "image_version": item.get("image_version"),
+        "image_build_id": (item.get("labels") or {}).get("build_id"),
         "instance_url": item.get("url"),
     }
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline import secret
 from pipeline.errors import Interrupted, MissingTool
+from pipeline.tools import process
 
 MARK = "PIPELINE_PLAYBOOK_RUN"
 
@@ -140,17 +141,10 @@ def _cancel_on_signal() -> Iterator[threading.Event]:
 
 def kill_marked(marker: str) -> list[int]:
     """SIGKILL every process whose environment carries this run's mark; return their pids."""
-    needle = f"{MARK}={marker}".encode()
     killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
+    for pid, value in process.marked_processes(MARK):
+        if value == marker:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     return killed

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,3 +174,23 @@ def _pump(
 def _close(log_file: object) -> None:
     if log_file is not None:
         log_file.close()  # type: ignore[attr-defined]
+
+
+def marked_processes(name: str) -> Iterator[tuple[int, str]]:
+    """Every process (but this one) whose environment sets `name`, with the value it has.
+
+    Marks in the environment are inherited through every fork and exec, by daemons and by the
+    tools' own children, where process groups and parent links are not.
+    """
+    needle = f"{name}=".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(needle):
+                yield int(entry.name), item[len(needle) :].decode(errors="replace")
+                break

@@ -23,9 +23,9 @@ log = context("local", "accel")
 
 KVM_ARGS = ["-accel", "kvm", "-cpu", "host"]
 # Emulation runs a guest faster on a plain x86-64 CPU model than on "max": with fewer features
-# the guest's kernel and libraries take code paths that are cheaper to emulate (a web image
-# booted to SSH in 22.8 s against 27.8 s, bench/boot.py). PIPELINE_TCG_CPU names another model
-# for software that needs newer instructions.
+# the guest's kernel and libraries take code paths that are cheaper to emulate (the web image
+# boots to SSH 4-5 s sooner, see bench/boot.py). PIPELINE_TCG_CPU names another model for
+# software that needs newer instructions.
 TCG_CPU = "qemu64"
 TCG_CPU_ENV = "PIPELINE_TCG_CPU"
 PROBE_TIMEOUT = 10.0
