@@ -95,8 +95,13 @@ def leftovers(state_dir: Path) -> list[Leftover]:
 
 
 def reap(state_dir: Path) -> list[Leftover]:
-    """Stop the processes of dead runs, remove their VMs' folders, record those runs as dead."""
+    """Stop the processes of dead runs, remove their VMs' folders, and record every run whose
+    process died before it finished as dead."""
     found = leftovers(state_dir)
+    for path in (state_dir / "runs").glob("*/status.json"):
+        # Runs that died and left nothing running are recorded too.
+        if path.parent.name not in {item.build_id for item in found}:
+            mark_dead(path)
     if not found:
         return []
     for item in found:
