@@ -35,4 +35,6 @@ def reach(point: str) -> None:
         message = f"{VARIABLE}={wanted!r}: expected POINT[:KILL|INT|TERM], POINT one of {choices}"
         raise UsageError(message)
     if name == point:
-        os.kill(os.getpid(), SIGNALS[how or "KILL"])
+        # raise_signal, not kill: the signal goes to this thread, and an interruption is raised
+        # right here rather than wherever the main thread happens to be when it notices.
+        signal.raise_signal(SIGNALS[how or "KILL"])

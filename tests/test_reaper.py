@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -36,6 +37,14 @@ def _spawn(
     env = {**os.environ, reaper.RUN_ENV: build_id}
     proc = subprocess.Popen(argv or SLEEPER, env=env, start_new_session=True)
     procs.append(proc)
+    # Until it execs, the child still has this process's environment, without the mark.
+    mark = f"{reaper.RUN_ENV}={build_id}".encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if mark in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0"):
+                break
+        time.sleep(0.05)
     return proc
 
 
