@@ -16,6 +16,7 @@ import pytest
 from pipeline import reaper
 from pipeline.runs import Run
 from pipeline.targets.local import qemu
+from pipeline.tools import process
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)"]
 
@@ -89,7 +90,7 @@ def test_a_live_run_keeps_its_processes(
     tmp_path: Path, started: list[subprocess.Popen[bytes]]
 ) -> None:
     me = os.getpid()
-    _status(tmp_path, "20261205t000000-bbbbbb", pid=me, pid_start=reaper.start_ticks(me))
+    _status(tmp_path, "20261205t000000-bbbbbb", pid=me, pid_start=process.start_ticks(me))
     child = _spawn(started, "20261205t000000-bbbbbb")
 
     assert reaper.reap(tmp_path) == []
@@ -101,7 +102,7 @@ def test_a_pid_reused_by_another_program_does_not_keep_a_dead_run_alive(
 ) -> None:
     # The recorded pid runs (it is this test), but it started at another time than the run's.
     me = os.getpid()
-    ticks = reaper.start_ticks(me)
+    ticks = process.start_ticks(me)
     assert ticks is not None
     _status(tmp_path, "20261205t000000-cccccc", pid=me, pid_start=ticks + 1)
     leftover = _spawn(started, "20261205t000000-cccccc")
@@ -166,7 +167,7 @@ def test_a_new_run_reaps_first_and_marks_what_it_starts(
 
     assert _reaped(leftover)
     status = json.loads((run.dir / "status.json").read_text())
-    assert status["pid_start"] == reaper.start_ticks(os.getpid())
+    assert status["pid_start"] == process.start_ticks(os.getpid())
     with reaper.tagged(run.build_id):
         seen = subprocess.run(
             [sys.executable, "-c", f"import os; print(os.environ['{reaper.RUN_ENV}'])"],

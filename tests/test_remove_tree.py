@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import reaper
 from pipeline.files import mounts_under, remove_tree
 from pipeline.targets.local import baseimage
+from pipeline.tools import process
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -41,7 +41,7 @@ def test_a_folder_mounted_inside_is_detached_not_emptied(tmp_path: Path) -> None
 def test_work_folders_of_dead_base_builds_go_and_live_or_foreign_ones_stay(
     tmp_path: Path,
 ) -> None:
-    me = f"{os.getpid()}-{reaper.start_ticks(os.getpid())}"
+    me = f"{os.getpid()}-{process.start_ticks(os.getpid())}"
     dead = tmp_path / f".{'a' * 16}-{2**22 + 13}-1-abc_1"
     live = tmp_path / f".{'b' * 16}-{me}-def2"
     older = tmp_path / f".{'c' * 16}-q1w2e3"  # named before builders were recorded: unknown

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import reaper
 from pipeline.errors import ToolError
 from pipeline.files import remove_tree, write_json_atomic, write_text_atomic
 from pipeline.log import context
+from pipeline.tools import process
 from pipeline.tools.process import run
 from pipeline.tools.versions import binary_version
 
@@ -248,7 +248,7 @@ def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> Base
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_builds(final.parent)
     # The builder's pid and start time in the name tell a later build whether it still runs.
-    owner = f"{os.getpid()}-{reaper.start_ticks(os.getpid())}"
+    owner = f"{os.getpid()}-{process.start_ticks(os.getpid())}"
     work = Path(tempfile.mkdtemp(prefix=f".{fp}-{owner}-", dir=final.parent))
     try:
         _build(work, spec, public_key=public_key, fp=fp, log_dir=log_dir)
@@ -273,7 +273,7 @@ def remove_abandoned_builds(base_dir: Path) -> list[Path]:
         if match is None or not folder.is_dir():
             continue
         pid, ticks = int(match["pid"]), int(match["ticks"])
-        if reaper.start_ticks(pid) == ticks:
+        if process.start_ticks(pid) == ticks:
             continue
         stuck = remove_tree(folder)
         log = context("base", "cleanup")
