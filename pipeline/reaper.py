@@ -45,29 +45,12 @@ class Leftover:
     command: str
 
 
-def start_ticks(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot), or None if there is no such process.
-
-    With the pid this names one process for good: a pid reused by another program has another
-    start time.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the command name, which may itself hold spaces and parentheses.
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 def run_alive(status: dict[str, Any]) -> bool:
     """Whether the process that wrote a run's status.json still runs (and is that process)."""
     pid = status.get("pid")
     if not isinstance(pid, int):
         return False
-    started = start_ticks(pid)
+    started = process.start_ticks(pid)
     if started is None:
         return False
     recorded = status.get("pid_start")
@@ -81,7 +64,7 @@ def leftovers(state_dir: Path) -> list[Leftover]:
     verdicts: dict[str, bool] = {}
     fleet = _fleet_vm_pids(state_dir / "vms")
     for pid, build_id in _marked_processes():
-        if pid == os.getpid() or pid in fleet:
+        if pid in fleet:
             continue
         if build_id not in verdicts:
             status = _read_status(runs / build_id / "status.json")
@@ -95,10 +78,9 @@ def leftovers(state_dir: Path) -> list[Leftover]:
 
 
 def reap(state_dir: Path) -> list[Leftover]:
-    """Stop the processes of dead runs, remove their VMs' folders, record those runs as dead."""
+    """Stop the processes of dead runs, remove their VMs' folders, and record every run whose
+    process died before it finished as dead."""
     found = leftovers(state_dir)
-    if not found:
-        return []
     for item in found:
         log.warning(
             "stopping pid %d (%s), left behind by run %s, which died",
@@ -106,10 +88,12 @@ def reap(state_dir: Path) -> list[Leftover]:
             item.command,
             item.build_id,
         )
-    _stop([item.pid for item in found])
-    _remove_vm_folders(state_dir / "vms", {item.pid for item in found})
-    for build_id in sorted({item.build_id for item in found}):
-        mark_dead(state_dir / "runs" / build_id / "status.json")
+    if found:
+        _stop([item.pid for item in found])
+        _remove_vm_folders(state_dir / "vms", {item.pid for item in found})
+    # Runs that died leaving nothing running are recorded too.
+    for path in (state_dir / "runs").glob("*/status.json"):
+        mark_dead(path)
     return found
 
 
@@ -176,9 +160,9 @@ def _stop(pids: list[int]) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(start_ticks(pid) for pid in pids):
+        while time.monotonic() < deadline and any(process.start_ticks(pid) for pid in pids):
             time.sleep(0.1)
-        pids = [pid for pid in pids if start_ticks(pid) is not None]
+        pids = [pid for pid in pids if process.start_ticks(pid) is not None]
         if not pids:
             return
     log.error("pid(s) %s survived SIGKILL", ", ".join(map(str, pids)))

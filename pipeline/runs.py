@@ -50,7 +50,7 @@ class Run:
             "subject": subject,
             "argv": sys.argv,
             "pid": os.getpid(),
-            "pid_start": reaper.start_ticks(os.getpid()),
+            "pid_start": process.start_ticks(os.getpid()),
             "state": "running",
             "started_at": _now(),
         }

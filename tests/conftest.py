@@ -18,6 +18,7 @@ from pipeline.targets.local.baseimage import BaseImage, BaseSpec, ensure_base_im
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_INPUTS = pytest.StashKey[Counter[str]]()
+CRASHES = pytest.StashKey[tuple[Counter[str], list[str]]]()
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +103,22 @@ def bad_input_tally(request: pytest.FixtureRequest) -> Counter[str]:
     return request.config.stash.setdefault(BAD_INPUTS, Counter())
 
 
+@pytest.fixture(scope="session")
+def crash_matrix(request: pytest.FixtureRequest) -> tuple[Counter[str], list[str]]:
+    """The crash matrix's tally and rows (tests/test_crashes.py), printed at the end."""
+    return request.config.stash.setdefault(CRASHES, (Counter(), []))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    tally_rows = terminalreporter.config.stash.get(CRASHES, None)
+    if tally_rows is not None and tally_rows[1]:
+        tally, rows = tally_rows
+        terminalreporter.write_line(
+            f"crash matrix: {tally['cells']} kill points, {tally['ok']} with no orphan left,"
+            f" no data lost and the next run ok"
+        )
+        for row in rows:
+            terminalreporter.write_line(f"  {row}")
     tally = terminalreporter.config.stash.get(BAD_INPUTS, Counter())
     if tally["tried"]:
         unclear = tally["tried"] - tally["clear"]

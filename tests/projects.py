@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,14 @@ def run_pipeline(
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=take_ctrl_c,
     )
+
+
+def take_ctrl_c() -> None:
+    """Let the child take SIGINT as a terminal's Ctrl-C, even when the test run itself was
+    started in the background (where the shell makes its children ignore SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 MINIMAL = """\

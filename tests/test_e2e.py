@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from projects import take_ctrl_c
 
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseImage
@@ -688,10 +689,6 @@ def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Projec
     assert project.processes("packer") == []
 
 
-def _take_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     """Start `pipeline ARGS`, press Ctrl-C once one of its VMs runs, and wait for it to end."""
     proc = subprocess.Popen(
@@ -704,7 +701,7 @@ def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.Comple
         # A terminal's foreground job always takes Ctrl-C; this suite may have been started
         # as a background job of a script, which inherits SIGINT ignored (and so would the
         # pipeline, which then could not be interrupted at all).
-        preexec_fn=_take_ctrl_c,
+        preexec_fn=take_ctrl_c,
     )
     deadline = time.monotonic() + 900
     while not project.vm_processes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from pipeline import reaper
 from pipeline.runs import Run
 from pipeline.targets.local import qemu
+from pipeline.tools import process
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)"]
 
@@ -36,6 +38,14 @@ def _spawn(
     env = {**os.environ, reaper.RUN_ENV: build_id}
     proc = subprocess.Popen(argv or SLEEPER, env=env, start_new_session=True)
     procs.append(proc)
+    # Until it execs, the child still has this process's environment, without the mark.
+    mark = f"{reaper.RUN_ENV}={build_id}".encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if mark in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0"):
+                break
+        time.sleep(0.05)
     return proc
 
 
@@ -80,7 +90,7 @@ def test_a_live_run_keeps_its_processes(
     tmp_path: Path, started: list[subprocess.Popen[bytes]]
 ) -> None:
     me = os.getpid()
-    _status(tmp_path, "20261205t000000-bbbbbb", pid=me, pid_start=reaper.start_ticks(me))
+    _status(tmp_path, "20261205t000000-bbbbbb", pid=me, pid_start=process.start_ticks(me))
     child = _spawn(started, "20261205t000000-bbbbbb")
 
     assert reaper.reap(tmp_path) == []
@@ -92,7 +102,7 @@ def test_a_pid_reused_by_another_program_does_not_keep_a_dead_run_alive(
 ) -> None:
     # The recorded pid runs (it is this test), but it started at another time than the run's.
     me = os.getpid()
-    ticks = reaper.start_ticks(me)
+    ticks = process.start_ticks(me)
     assert ticks is not None
     _status(tmp_path, "20261205t000000-cccccc", pid=me, pid_start=ticks + 1)
     leftover = _spawn(started, "20261205t000000-cccccc")
@@ -157,7 +167,7 @@ def test_a_new_run_reaps_first_and_marks_what_it_starts(
 
     assert _reaped(leftover)
     status = json.loads((run.dir / "status.json").read_text())
-    assert status["pid_start"] == reaper.start_ticks(os.getpid())
+    assert status["pid_start"] == process.start_ticks(os.getpid())
     with reaper.tagged(run.build_id):
         seen = subprocess.run(
             [sys.executable, "-c", f"import os; print(os.environ['{reaper.RUN_ENV}'])"],

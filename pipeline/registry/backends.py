@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline import failpoints
 from pipeline.errors import PipelineError
 from pipeline.semver import Version
 
@@ -219,6 +220,7 @@ class SQLiteBackend:
             self._in_transaction = False
             self._db.execute("ROLLBACK")
             raise
+        failpoints.reach("registry.commit")
         self._in_transaction = False
         self._db.execute("COMMIT")
 
@@ -333,6 +335,7 @@ class PostgresBackend:
             self._transaction = tx
             try:
                 yield
+                failpoints.reach("registry.commit")
             finally:
                 self._transaction = None
 

@@ -194,3 +194,20 @@ def marked_processes(name: str) -> Iterator[tuple[int, str]]:
             if item.startswith(needle):
                 yield int(entry.name), item[len(needle) :].decode(errors="replace")
                 break
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), or None if there is no such process.
+
+    With the pid this names one process for good: a pid reused by another program has another
+    start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself hold spaces and parentheses.
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ToolError
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import remove_tree, write_json_atomic, write_text_atomic
 from pipeline.log import context
+from pipeline.tools import process
 from pipeline.tools.process import run
 from pipeline.tools.versions import binary_version
+
+# A base build's work folder: .<fingerprint>-<builder pid>-<its start time>-<random>.
+WORK_NAME = re.compile(r"\.[0-9a-f]{16}-(?P<pid>[0-9]+)-(?P<ticks>[0-9]+)-[A-Za-z0-9_]+")
 
 # Bump when the steps below change in a way the hashed file contents do not show.
 RECIPE_VERSION = "3"
@@ -240,7 +246,10 @@ def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> Base
         "building the Debian base image %s from packages (about a minute; cached after)", fp
     )
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=final.parent))
+    remove_abandoned_builds(final.parent)
+    # The builder's pid and start time in the name tell a later build whether it still runs.
+    owner = f"{os.getpid()}-{process.start_ticks(os.getpid())}"
+    work = Path(tempfile.mkdtemp(prefix=f".{fp}-{owner}-", dir=final.parent))
     try:
         _build(work, spec, public_key=public_key, fp=fp, log_dir=log_dir)
         try:
@@ -251,8 +260,29 @@ def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> Base
                 raise
     finally:
         if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work)
     return _load(final)
+
+
+def remove_abandoned_builds(base_dir: Path) -> list[Path]:
+    """Remove the work folders of base builds whose builder is gone (killed outright, so its
+    own cleanup never ran), with whatever mmdebstrap left mounted in them."""
+    removed = []
+    for folder in base_dir.glob(".*-*-*-*"):
+        match = WORK_NAME.fullmatch(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        pid, ticks = int(match["pid"]), int(match["ticks"])
+        if process.start_ticks(pid) == ticks:
+            continue
+        stuck = remove_tree(folder)
+        log = context("base", "cleanup")
+        if stuck:
+            log.warning("left %s: cannot unmount %s", folder, ", ".join(stuck))
+        else:
+            log.info("removed %s, left by a base build that died", folder.name)
+        removed.append(folder)
+    return removed
 
 
 def _load(folder: Path) -> BaseImage:
@@ -306,7 +336,7 @@ def _build(work: Path, spec: BaseSpec, *, public_key: str, fp: str, log_dir: Pat
         what="make the root filesystem (mkfs.ext4 -d)",
         log=log_dir / "base-mkfs.log",
     )
-    shutil.rmtree(root)
+    remove_tree(root)
     run(
         ["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
         what="convert the root filesystem to qcow2",

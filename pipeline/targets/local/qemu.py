@@ -30,6 +30,7 @@ from typing import Any
 from pipeline.errors import PipelineError, ToolError, UsageError
 from pipeline.files import write_json_atomic
 from pipeline.targets.local.accel import accel_args
+from pipeline.tools import process
 from pipeline.tools.process import run
 
 log = logging.getLogger(__name__)
@@ -265,12 +266,10 @@ def is_running(record: VmRecord) -> bool:
     """True if the record's pid is alive and is our QEMU for this overlay (not a reused pid)."""
     try:
         cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{record.pid}/stat").read_text()
     except OSError:
         return False
-    # A zombie has no cmdline and will never serve again; the state follows the ")" of comm.
-    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
-    if state in ("Z", "X"):
+    # A zombie has no cmdline and will never serve again: no start time either.
+    if process.start_ticks(record.pid) is None:
         return False
     overlay = str(record.overlay).encode()
     return (
