@@ -1,7 +1,7 @@
 """Playbooks the pipeline runs itself (the smoke test), through real ansible-runner runs.
 
 The hosts use Ansible's local connection, so no VM is needed to see a play pass, fail with
-the task named, and be stopped at its timeout.
+the task named, fail for matching no host, and be stopped at its timeout.
 """
 
 from __future__ import annotations
@@ -76,6 +76,46 @@ def test_a_failed_when_condition_is_named_as_such(tmp_path: Path) -> None:
     outcome = playbook.run(book, {"one": LOCAL}, group="dev", folder=tmp_path, timeout=120)
 
     assert outcome.failed == ["one: The answer is right: its failed_when condition held"]
+
+
+def test_a_play_that_matches_no_host_fails_naming_it_and_the_groups_there_are(
+    tmp_path: Path,
+) -> None:
+    book = tmp_path / "smoke.yml"
+    book.write_text(
+        "---\n"
+        "- name: Check\n  hosts: dbservers\n  gather_facts: false\n  tasks:\n"
+        "    - name: Answer\n      ansible.builtin.ping:\n"
+        "- name: Smoke\n  hosts: all\n  gather_facts: false\n  tasks:\n"
+        "    - name: Answer\n      ansible.builtin.ping:\n",
+        encoding="utf-8",
+    )
+
+    outcome = playbook.run(book, {"one": LOCAL}, group="web-dev", folder=tmp_path, timeout=120)
+
+    # Ansible skips the play and calls the run a success; the pipeline does not.
+    assert (outcome.status, outcome.rc, outcome.failed) == ("successful", 0, [])
+    assert not outcome.ok
+    assert outcome.summary == (
+        "play 'Check' matched no host (hosts: dbservers); the new instances are in groups"
+        " all, web_dev"
+    )
+
+
+def test_a_play_aimed_at_the_environment_group_runs_on_its_instances(tmp_path: Path) -> None:
+    book = tmp_path / "smoke.yml"
+    book.write_text(
+        "---\n- name: Check\n  hosts: web_dev\n  gather_facts: false\n  tasks:\n"
+        "    - name: Answer\n      ansible.builtin.ping:\n",
+        encoding="utf-8",
+    )
+
+    outcome = playbook.run(
+        book, {"one": LOCAL, "two": LOCAL}, group="web-dev", folder=tmp_path, timeout=120
+    )
+
+    assert outcome.ok, outcome.summary
+    assert outcome.unmatched == []
 
 
 def test_a_play_past_its_timeout_is_stopped(tmp_path: Path) -> None:

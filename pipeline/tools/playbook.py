@@ -2,7 +2,9 @@
 
 Each run gets a fresh private data directory under the run folder (inventory, artifacts,
 events); the outcome is read from the runner's own status, return code and events, never from
-parsing a terminal. A run that takes longer than its timeout is stopped by the runner, and
+parsing a terminal. A play whose `hosts` matches none of the hosts fails the run: Ansible skips
+it and still returns 0, so a smoke test aimed at the wrong group would pass without checking
+anything. A run that takes longer than its timeout is stopped by the runner, and
 every process it left behind (the runner stops only ansible-playbook itself) is killed: each run
 marks its processes with a variable in their environment, which their children inherit.
 
@@ -39,16 +41,22 @@ class Outcome:
     status: str
     rc: int | None
     failed: list[str] = field(default_factory=list)
+    # Plays that matched no host, which Ansible skips without failing the run.
+    unmatched: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.status == "successful" and self.rc == 0
+        return self.status == "successful" and self.rc == 0 and not self.unmatched
 
     @property
     def summary(self) -> str:
+        details = [*self.failed, *self.unmatched][:5]
+        if self.status == "successful" and self.rc == 0 and details:
+            # Ansible called it a success; saying so would only mislead.
+            return "; ".join(details)
         words = f"{self.status}, rc {self.rc}"
-        if self.failed:
-            words += ": " + "; ".join(self.failed[:5])
+        if details:
+            words += ": " + "; ".join(details)
         return words
 
 
@@ -74,8 +82,9 @@ def run(
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / f"run-{len(list(folder.glob('run-*'))) + 1:02d}"
     private.mkdir()
+    group_name = group.replace("-", "_")
     inventory = {
-        "all": {"children": {group.replace("-", "_"): {"hosts": hosts}}},
+        "all": {"children": {group_name: {"hosts": hosts}}},
     }
     bin_dir = os.path.dirname(sys.executable)
     marker = uuid.uuid4().hex
@@ -104,8 +113,15 @@ def run(
     if canceled.is_set() or str(runner.status) == "canceled":
         raise Interrupted(f"interrupted during playbook {playbook.name}; it was stopped")
     failed = []
+    unmatched = []
     for event in runner.events:
-        if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+        if event.get("event") == "playbook_on_no_hosts_matched":
+            data = event.get("event_data", {})
+            unmatched.append(
+                f"play {data.get('play')!r} matched no host (hosts: {data.get('play_pattern')});"
+                f" the new instances are in groups all, {group_name}"
+            )
+        elif event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data", {})
             if data.get("ignore_errors"):
                 continue
@@ -118,7 +134,7 @@ def run(
     status = str(runner.status)
     if status == "timeout":
         failed.insert(0, f"stopped after {timeout:.0f} s")
-    return Outcome(status=status, rc=runner.rc, failed=failed)
+    return Outcome(status=status, rc=runner.rc, failed=failed, unmatched=unmatched)
 
 
 @contextlib.contextmanager
