@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.stages.verify import _changes
+from pipeline.stages.verify import report_problem
 from pipeline.tools.ansible_output import failed_tasks
 
 MOLECULE_VERIFY = """\
@@ -52,7 +52,7 @@ def test_a_converge_that_changed_nothing_passes(tmp_path: Path) -> None:
     report = tmp_path / "changes.json"
     report.write_text(json.dumps({"changed": [], "hosts": {}}))
 
-    assert _changes(report) == ""
+    assert report_problem("converge", report) == ""
 
 
 def test_a_converge_that_changed_something_names_the_tasks(tmp_path: Path) -> None:
@@ -63,11 +63,19 @@ def test_a_converge_that_changed_something_names_the_tasks(tmp_path: Path) -> No
     ]
     report.write_text(json.dumps({"changed": changed, "hosts": {}}))
 
-    reason = _changes(report)
+    reason = report_problem("converge", report)
 
     assert reason.startswith("the image is not what its roles describe")
     assert "Restart webservice; Write the service configuration" in reason
 
 
+def test_a_verify_may_change_things_its_checks_need(tmp_path: Path) -> None:
+    report = tmp_path / "changes.json"
+    changed = [{"host": "vm", "task": "Fetch the page"}]
+    report.write_text(json.dumps({"changed": changed, "unmatched": [], "hosts": {}}))
+
+    assert report_problem("verify", report) == ""
+
+
 def test_a_converge_without_the_report_is_not_taken_as_unchanged(tmp_path: Path) -> None:
-    assert "did not run" in _changes(tmp_path / "missing.json")
+    assert "did not run" in report_problem("converge", tmp_path / "missing.json")

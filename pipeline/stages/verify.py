@@ -3,7 +3,9 @@
 Molecule's scenario `molecule/<image>/` creates the VM (through the pipeline's QEMU launcher),
 converges the image's roles (which must change nothing: the image must already be what its
 roles describe), verifies the service from outside the VM, and is always destroyed, also after a
-failure or Ctrl-C. The version is then recorded as verified or failed.
+failure or Ctrl-C. A play of the converge or the verify that matches no host fails it too: Ansible
+skips such a play and ends with 0, and the version would be called verified on checks that never
+ran. The version is then recorded as verified or failed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pipeline.tools.ansible_output import failed_tasks_of
 
 PLUGINS = Path(__file__).resolve().parent.parent / "ansible_plugins"
 MOLECULE_TIMEOUT = 1800
+# The steps whose playbook runs report, through the pipeline_changes callback, what they did.
+REPORTED_STEPS = ("converge", "verify")
 
 
 def check(config: Config, version: ImageVersion) -> None:
@@ -80,15 +84,15 @@ def verify(config: Config, version: ImageVersion, *, run: Run, registry: Registr
 def _run_steps(version: ImageVersion, env: dict[str, str], run: Run) -> str:
     """Create, converge (no change allowed), verify; return why it failed, or ''."""
     log = context(version.label, "verify")
-    changes_file = run.dir / "verify-changes.json"
     try:
         for step in ("create", "converge", "verify"):
             log.info("molecule %s", step)
             step_env = dict(env)
-            if step == "converge":
-                step_env["PIPELINE_CHANGES_FILE"] = str(changes_file)
+            report = run.dir / f"molecule-{step}.json"
+            if step in REPORTED_STEPS:
+                step_env["PIPELINE_CHANGES_FILE"] = str(report)
             _molecule(step, version, step_env, run)
-            if step == "converge" and (failure := _changes(changes_file)):
+            if step in REPORTED_STEPS and (failure := report_problem(step, report)):
                 return failure
     except ToolError as exc:
         if (
@@ -159,12 +163,20 @@ def _molecule_env(
         "PIPELINE_VARS_FILE": str(vars_file),
         "PIPELINE_PROJECT": str(config.root),
         "MOLECULE_EPHEMERAL_DIRECTORY": str(run.dir / "molecule"),
-        "ANSIBLE_CALLBACK_PLUGINS": str(PLUGINS / "callback"),
-        "ANSIBLE_CALLBACKS_ENABLED": "pipeline_changes",
+        **callback_env(),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "PY_COLORS": "0",
         "NO_COLOR": "1",
+    }
+
+
+def callback_env() -> dict[str, str]:
+    """The environment that makes ansible-playbook run the pipeline_changes callback, which
+    writes its report where PIPELINE_CHANGES_FILE says."""
+    return {
+        "ANSIBLE_CALLBACK_PLUGINS": str(PLUGINS / "callback"),
+        "ANSIBLE_CALLBACKS_ENABLED": "pipeline_changes",
     }
 
 
@@ -192,13 +204,21 @@ def _destroy(version: ImageVersion, env: dict[str, str], run: Run) -> None:
         qemu.stop(qemu.load(vm_root, name))
 
 
-def _changes(path: Path) -> str:
-    """Describe what the converge changed; empty when it changed nothing."""
+def report_problem(step: str, path: Path) -> str:
+    """Why a converge or verify that Ansible ended with 0 still fails, from what the callback
+    wrote: a play that matched no host (both steps), or a change (converge); '' if none."""
     if not path.is_file():
-        return "converge reported nothing (the change-recording callback did not run)"
+        return f"molecule {step} reported nothing (the pipeline_changes callback did not run)"
     report = json.loads(path.read_text())
+    unmatched = report.get("unmatched", [])
+    if unmatched:
+        plays = "; ".join(
+            f"play {item['play']!r} of {item['playbook']} matched no host (hosts: {item['hosts']})"
+            for item in unmatched
+        )
+        return f"molecule {step}: {plays}, so it checked nothing there"
     changed = report.get("changed", [])
-    if not changed:
+    if step != "converge" or not changed:
         return ""
     tasks = "; ".join(sorted({item["task"] for item in changed}))
     return f"the image is not what its roles describe: applying them changed {tasks}"
