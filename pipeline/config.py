@@ -275,7 +275,7 @@ class _Reader:
         return str(value)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.reader.ReaderError):
         # Its str() spans lines and names "<unicode string>" rather than the file.
         code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or " ")
@@ -322,7 +322,7 @@ def _playbook_problem(path: Path) -> str:
         # A SafeLoader: no Python objects are built from the file.
         plays = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlaybookLoader)
     except yaml.YAMLError as exc:
-        return _yaml_problem(exc)
+        return yaml_problem(exc)
     except (OSError, UnicodeDecodeError) as exc:
         return f"cannot be read: {exc}"
     if not isinstance(plays, list) or not plays:
@@ -342,7 +342,7 @@ def load(path: Path | str | None = None) -> Config:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), None, _yaml_problem(exc)) from None
+        raise ConfigError(str(path), None, yaml_problem(exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason}") from None
     except RecursionError:

@@ -30,6 +30,13 @@ ON_WEB = """\
 """
 API_ENV = "  edge:\n    image: api\n"
 
+# A shell task whose failing curl the pipe into tee would hide.
+RISKY_PIPE_TASK = """
+- name: Keep a copy of the page
+  ansible.builtin.shell: curl -fsS http://127.0.0.1:8080/ | tee /var/tmp/page
+  changed_when: false
+"""
+
 # The example template, with one line taken out to put a broken one in its place.
 TEMPLATE = "templates/packer/local.pkr.hcl.j2"
 TIMEOUT_LINE = "  ssh_timeout          = {{ ssh_timeout | hcl }}\n"
@@ -301,6 +308,27 @@ CASES = [
         3,
         (PIPELINE_YML, "images.web.roles[0]: '/etc' is not valid"),
         replace=_yml((ROLES, "[/etc]")),
+    ),
+    # role tasks that would hide a failure
+    Bad(
+        "role-shell-pipe-without-pipefail-at-plan",
+        PLAN,
+        3,
+        (
+            "{project}/roles/webservice/tasks/main.yml:37: task 'Keep a copy of the page'",
+            "pipes a shell command without pipefail",
+            "`set -o pipefail &&`",
+            "# noqa: risky-shell-pipe",
+        ),
+        append={"roles/webservice/tasks/main.yml": RISKY_PIPE_TASK},
+    ),
+    Bad(
+        "role-shell-pipe-without-pipefail-at-bake",
+        BAKE,
+        3,
+        ("{project}/roles/webservice/tasks/main.yml:37: task 'Keep a copy of the page'",),
+        append={"roles/webservice/tasks/main.yml": RISKY_PIPE_TASK},
+        state="registry",
     ),
     # templates that cannot be rendered
     Bad(

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline import fingerprint as fp
-from pipeline import render, secret
+from pipeline import render, secret, shell_pipes
 from pipeline.config import BUMPS, Config, ImageConfig
 from pipeline.errors import ConfigError, Interrupted, ToolError, UsageError
 from pipeline.log import context
@@ -89,9 +89,11 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
 
     The template is rendered with stand-ins for what only a bake knows (the base's files, the
     accelerator, the run's folder), so that a name it uses and a bake does not give fails now,
-    not after the base image is built and a version number is spent.
+    not after the base image is built and a version number is spent. A shell task that would
+    hide its failure behind a pipe is refused here too (see pipeline.shell_pipes).
     """
     role_dirs(config, image)
+    shell_pipes.check(config.roles_dir, image.roles)
     template_path(config, image)
     secret_values(config, image)
     stand_in = config.state_dir / "check"
