@@ -42,6 +42,10 @@ BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
 DEFAULT_BASE = "debian"
 REGISTRY_URL = re.compile(r"^(sqlite:///.+|postgres(ql)?://.+)$")
 MAX_IMAGE_AND_ENVIRONMENT = 28
+# Seconds Packer gives an image's Ansible provisioner (provision_timeout). The top stays below
+# the time the pipeline gives the whole Packer run (stages.bake.PACKER_TIMEOUT, 3600 s), which
+# also boots and shuts the build VM down.
+PROVISION_TIMEOUT = (10, 3000)
 # What a schedule does when due: bake; bake then verify; or the whole run to an environment.
 SCHEDULE_ACTIONS = ("bake", "verify", "run")
 TRIGGERS = ("inputs_changed", "base_packages", "parent_rebuilt", "max_age_days")
@@ -92,6 +96,8 @@ class ImageConfig:
     service_port: int = 8080
     health_path: str = "/healthz"
     schedule: ScheduleConfig | None = None
+    # Seconds Packer lets the Ansible provisioner run before it cancels it; None: no limit.
+    provision_timeout: int | None = None
 
 
 @dataclass(frozen=True)
@@ -481,6 +487,7 @@ def _image(
         "service_port",
         "health_path",
         "schedule",
+        "provision_timeout",
     }
     item = reader.mapping(raw, key, allowed, {"version", "roles"})
     version = reader.string(item["version"], f"{key}.version")
@@ -526,6 +533,10 @@ def _image(
         raise reader.fail(f"{key}.template", message)
 
     bump, bump_on = _bump(reader, item.get("bump", "patch"), f"{key}.bump")
+    provision_timeout = None
+    if item.get("provision_timeout") is not None:
+        where = f"{key}.provision_timeout"
+        provision_timeout = reader.integer(item["provision_timeout"], where, *PROVISION_TIMEOUT)
     return ImageConfig(
         name=name,
         version=version,
@@ -544,6 +555,7 @@ def _image(
         schedule=_schedule(reader, item["schedule"], f"{key}.schedule", parent)
         if item.get("schedule") is not None
         else None,
+        provision_timeout=provision_timeout,
     )
 
 

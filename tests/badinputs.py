@@ -516,6 +516,13 @@ CASES = [
         write={"playbooks/smoke.yml": "hosts: all\ntasks: []\n"},
     ),
     Bad(
+        "provision-timeout-in-minutes",
+        BAKE,
+        3,
+        (PIPELINE_YML, "images.web.provision_timeout: must be a whole number, got a string '5m'"),
+        replace=_image_key("    provision_timeout: 5m\n"),
+    ),
+    Bad(
         "schedule-minute-out-of-range",
         PLAN,
         3,

@@ -9,6 +9,7 @@ from projects import MINIMAL
 
 from pipeline import config
 from pipeline.errors import ConfigError, UsageError
+from pipeline.stages.bake import PACKER_TIMEOUT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,7 @@ def test_defaults_fill_what_a_minimal_file_leaves_out(tmp_path: Path) -> None:
 
     web = loaded.image("web")
     assert (web.bump, web.service_port, web.template) == ("patch", 8080, "packer/local.pkr.hcl.j2")
+    assert web.provision_timeout is None
     dev = loaded.environment("dev")
     assert (dev.channel, dev.instances, dev.health.path) == ("dev", 2, "/healthz")
 
@@ -266,6 +268,24 @@ BAD = [
         "'/health check' must start with / and hold no spaces, quotes or '#'",
     ),
     (
+        "a-provision-timeout-as-a-duration",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    provision_timeout: 10m\n"),
+        "images.web.provision_timeout",
+        "must be a whole number, got a string '10m'",
+    ),
+    (
+        "a-provision-timeout-too-short",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    provision_timeout: 5\n"),
+        "images.web.provision_timeout",
+        "5 is out of range (10 to 3000)",
+    ),
+    (
+        "a-provision-timeout-beyond-packers-own",
+        GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    provision_timeout: 3601\n"),
+        "images.web.provision_timeout",
+        "3601 is out of range (10 to 3000)",
+    ),
+    (
         "a-front-door-on-a-privileged-port",
         GOOD + "    front_door: {port: 80}\n",
         "environments.dev.front_door.port",
@@ -291,6 +311,18 @@ def test_a_mistake_names_the_file_the_key_and_the_bad_value(
     where = f"{path}: {key}: " if key else f"{path}: "
     assert str(error).startswith(where)
     assert value in str(error).removeprefix(where)
+
+
+def test_a_provision_timeout_is_read_and_ends_before_the_whole_packer_run(
+    tmp_path: Path,
+) -> None:
+    text = GOOD.replace("    version: 1.0.0\n", "    version: 1.0.0\n    provision_timeout: 900\n")
+
+    loaded = config.load(_write(tmp_path, text))
+
+    assert loaded.image("web").provision_timeout == 900
+    # Past the top, the pipeline would stop Packer before Packer stopped the provisioner.
+    assert config.PROVISION_TIMEOUT[1] < PACKER_TIMEOUT
 
 
 def test_rollout_and_health_settings_are_read(tmp_path: Path) -> None:

@@ -92,6 +92,20 @@ def test_packer_accepts_the_rendered_real_template(tmp_path: Path) -> None:
     assert "Syntax-only check passed" in done.stdout
 
 
+def test_without_a_provision_timeout_the_provisioner_has_none() -> None:
+    context = {**_context(GOLDEN / "packer-local"), "provision_timeout": None}
+
+    rendered = render.render(REAL_TEMPLATES, PACKER_TEMPLATE, context)
+
+    assert 'timeout       = "1800s"' in _expected(GOLDEN / "packer-local")
+    assert "timeout       =" not in rendered
+    assert rendered == _expected(GOLDEN / "packer-local").replace(
+        "    # The image's provision_timeout: Packer cancels the provisioner when it runs longer.\n"
+        '    timeout       = "1800s"\n',
+        "",
+    )
+
+
 # Values Packer reads back unchanged
 
 TRICKY = [

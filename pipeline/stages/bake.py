@@ -654,6 +654,7 @@ def packer_context(
         "vars_file": vars_file,
         "ansible_env": _ansible_env(config),
         "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
+        "provision_timeout": image.provision_timeout,
     }
 
 
