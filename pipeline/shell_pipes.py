@@ -121,8 +121,9 @@ def _dependencies(role: Path) -> list[str]:
     """The roles meta/main.yml names under `dependencies`, by plain name."""
     loaded = _load(role / "meta" / "main.yml") or _load(role / "meta" / "main.yaml")
     data = loaded[2] if loaded is not None and isinstance(loaded[2], dict) else {}
+    listed = data.get("dependencies")
     names = []
-    for item in data.get("dependencies") or []:
+    for item in listed if isinstance(listed, list) else []:
         if isinstance(item, dict):
             item = item.get("role") or item.get("name")
         if isinstance(item, str) and _plain(item):
