@@ -663,26 +663,37 @@ def test_an_image_built_on_another_records_its_parent(project: Project) -> None:
     assert project.vm_processes() == []
 
 
+# A task whose failure hides behind a pipe but for pipefail: the check before a bake lets it
+# through (pipefail is set), and the bake must then fail on it.
+FAILING_PIPE_TASK = """\
+---
+- name: Count the pages of a listing that fails
+  ansible.builtin.shell: set -o pipefail && false | wc -l
+  args:
+    executable: /bin/bash
+  changed_when: false
+"""
+
+
 def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Project) -> None:
     project.pipeline("destroy", "dev")
     failing = project.root / "roles" / "failing" / "tasks"
     failing.mkdir(parents=True)
-    (failing / "main.yml").write_text(
-        "---\n- name: Refuse to bake\n  ansible.builtin.fail:\n    msg: this role always fails\n"
-    )
+    (failing / "main.yml").write_text(FAILING_PIPE_TASK)
     config = yaml.safe_load((project.root / "pipeline.yml").read_text())
     config["images"]["broken"] = {"version": "0.1.0", "roles": ["failing"]}
     (project.root / "pipeline.yml").write_text(yaml.safe_dump(config))
 
     done = project.pipeline("bake", "broken", check=False)
 
+    task = "task [failing : Count the pages of a listing that fails] on default"
     assert done.returncode == 4, done.stderr
     assert "packer build failed" in done.stderr
-    assert "this role always fails" in done.stderr
+    assert f"{task}: non-zero return code" in done.stderr
     assert "Traceback" not in done.stderr
     listed = json.loads(project.pipeline("images", "list", "broken", "--json").stdout)
     assert [(v["version"], v["status"]) for v in listed] == [("0.1.0", "failed")]
-    assert "this role always fails" in listed[0]["failure"]
+    assert listed[0]["failure"].startswith(task), listed[0]
     images = project.state / "images" / "broken"
     assert not images.exists() or list(images.iterdir()) == []
     assert project.vm_processes() == []
