@@ -97,6 +97,22 @@ def reap(state_dir: Path) -> list[Leftover]:
     return found
 
 
+def stop_run(state_dir: Path, build_id: str) -> list[Leftover]:
+    """Stop every process still marked with this run's build id (this process aside), fleet VMs
+    aside: what a tool the run started left behind when it ended (Packer leaves its Ansible's
+    workers and their SSH, which run in sessions of their own, when its provisioner is cancelled).
+    """
+    fleet = _fleet_vm_pids(state_dir / "vms")
+    found = [
+        Leftover(pid, marked, _command(pid))
+        for pid, marked in _marked_processes()
+        if marked == build_id and pid not in fleet
+    ]
+    if found:
+        _stop([item.pid for item in found])
+    return found
+
+
 def mark_dead(path: Path) -> None:
     """Record a run whose process died while its status said running."""
     status = _read_status(path)

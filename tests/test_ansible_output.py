@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.config import ImageConfig
+from pipeline.errors import ToolError
+from pipeline.stages.bake import _explain_packer_failure
 from pipeline.stages.verify import report_problem
 from pipeline.tools.ansible_output import failed_tasks
 
@@ -20,6 +23,8 @@ PLAY RECAP *********************************************************************
 verify-web-1 : ok=1    changed=0    unreachable=0    failed=1    skipped=0
 """.splitlines()
 
+CONFIG = Path("/srv/project/pipeline.yml")
+
 PACKER_BAKE = """\
 ==> qemu.image: Executing Ansible: ansible-playbook -e packer_build_name="image"
     qemu.image: TASK [base : Insist on the basic packages] *************************************
@@ -29,6 +34,54 @@ PACKER_BAKE = """\
     qemu.image: PLAY RECAP *********************************************************************
 Build 'qemu.image' errored after 1 minute 2 seconds: Error executing Ansible: Non-zero exit status
 """.splitlines()
+
+# Packer 1.6.6 at a provisioner's timeout, stopped by the pipeline at its "Cancelling" line.
+PACKER_TIMEOUT = """\
+==> qemu.image: Setting a 30s timeout for the next provisioner...
+==> qemu.image: Provisioning with Ansible...
+    qemu.image: TASK [Gathering Facts] *********************************************************
+    qemu.image: ok: [default]
+    qemu.image:
+    qemu.image: TASK [sleeping : Wait for a mirror that never answers] *************************
+==> qemu.image: Cancelling provisioner after a timeout...
+Cancelling build after receiving terminated
+==> qemu.image: Deleting output directory...
+Build 'qemu.image' errored after 1 minute 16 seconds: Build was cancelled.
+
+==> Wait completed after 1 minute 16 seconds
+Cleanly cancelled builds after being interrupted.
+""".splitlines()
+
+
+def _packer_error(tmp_path: Path, lines: list[str]) -> ToolError:
+    log = tmp_path / "01-packer-build.log"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ToolError("packer build", ["packer", "build"], 1, lines[-15:], str(log))
+
+
+def test_a_provisioner_timeout_names_the_key_its_seconds_and_the_task_it_stopped(
+    tmp_path: Path,
+) -> None:
+    image = ImageConfig(name="stuck", version="0.1.0", roles=("sleeping",), provision_timeout=30)
+
+    explained = _explain_packer_failure(_packer_error(tmp_path, PACKER_TIMEOUT), image, CONFIG)
+
+    assert explained.cause == (
+        "the ansible provisioner ran past provision_timeout (30 s,"
+        " images.stuck.provision_timeout in pipeline.yml)"
+        " during task [sleeping : Wait for a mirror that never answers]"
+    )
+
+
+def test_a_failing_task_in_a_bake_is_its_cause(tmp_path: Path) -> None:
+    image = ImageConfig(name="broken", version="0.1.0", roles=("failing",))
+
+    explained = _explain_packer_failure(_packer_error(tmp_path, PACKER_BAKE), image, CONFIG)
+
+    assert explained.cause.splitlines()[0] == (
+        "task [failing : Refuse to bake] on default: this role always fails"
+    )
+    assert "provision_timeout" not in explained.cause
 
 
 def test_a_failed_when_names_the_task_and_the_reason() -> None:

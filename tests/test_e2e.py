@@ -4,7 +4,9 @@ run -> change a role -> run (every instance replaced, new ones healthy before ol
 run unchanged (nothing baked, nothing deployed) -> kill a VM from outside -> deploy (recreated)
 -> revoke the running version (status warns, deploy refuses) -> roll the channel back and
 deploy -> gc (keeps what Terraform runs, deletes the revoked version's files);
-and a bake whose role fails leaves no image files and no VM, and its version recorded failed.
+and a bake whose role fails (a pipe that pipefail makes fail), or whose provisioner runs past
+its provision_timeout, leaves no image files, no VM, no Packer or Ansible process, and its version
+recorded failed with the reason.
 Ansible drives the same project: `ansible -i inventories/dev` pings the live fleet, and the
 pipeline.images.image module deploys a second environment under ansible-playbook (changed once,
 then not; check mode touches nothing) that the fleet inventory plugin then lists.
@@ -32,8 +34,10 @@ import pytest
 import yaml
 from projects import take_ctrl_c
 
+from pipeline.reaper import RUN_ENV
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseImage
+from pipeline.tools import process
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -698,6 +702,55 @@ def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Projec
     assert not images.exists() or list(images.iterdir()) == []
     assert project.vm_processes() == []
     assert project.processes("packer") == []
+
+
+SLEEPING_ROLE = """\
+---
+- name: Wait for a mirror that never answers
+  ansible.builtin.command: sleep 600
+  changed_when: false
+"""
+
+
+def test_a_provisioner_past_its_timeout_bakes_nothing_and_leaves_nothing_running(
+    project: Project,
+) -> None:
+    project.pipeline("destroy", "dev")
+    sleeping = project.root / "roles" / "sleeping" / "tasks"
+    sleeping.mkdir(parents=True)
+    (sleeping / "main.yml").write_text(SLEEPING_ROLE)
+    config = yaml.safe_load((project.root / "pipeline.yml").read_text())
+    # The sleeping role first, so that the timeout fires in it and nothing else is installed.
+    config["images"]["stuck"] = {
+        "version": "0.1.0",
+        "roles": ["sleeping", "base"],
+        "provision_timeout": 30,
+    }
+    (project.root / "pipeline.yml").write_text(yaml.safe_dump(config))
+
+    done = project.pipeline("bake", "stuck", check=False)
+
+    reason = (
+        "the ansible provisioner ran past provision_timeout (30 s,"
+        " images.stuck.provision_timeout in pipeline.yml)"
+        " during task [sleeping : Wait for a mirror that never answers]"
+    )
+    assert done.returncode == 4, done.stderr
+    assert f"failed: {reason}" in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = json.loads(project.pipeline("images", "list", "stuck", "--json").stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [("0.1.0", "failed")]
+    assert listed[0]["failure"] == reason
+    images = project.state / "images" / "stuck"
+    assert not images.exists() or list(images.iterdir()) == []
+    assert project.vm_processes() == []
+    assert project.processes("packer") == []
+    # Packer leaves Ansible's workers and their SSH (in sessions of their own) running; the
+    # bake stops every process marked with its run before it returns.
+    build_id = listed[0]["build_id"]
+    assert [pid for pid, run in process.marked_processes(RUN_ENV) if run == build_id] == []
+    assert project.processes("ansible-playbook") == []
+    assert project.processes("ssh ") == []
 
 
 def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.CompletedProcess[str]:

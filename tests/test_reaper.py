@@ -176,3 +176,20 @@ def test_a_new_run_reaps_first_and_marks_what_it_starts(
     assert seen == run.build_id
     assert reaper.RUN_ENV not in os.environ or os.environ[reaper.RUN_ENV] != run.build_id
     assert reaper.RUN_ENV not in reaper.untagged_environ()
+
+
+def test_a_run_that_ends_stops_what_its_tools_left_and_nothing_else(
+    tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    # This run is alive (its status says running, with this process): the reap would keep
+    # its processes; stop_run is the run itself sweeping up after a tool.
+    me = os.getpid()
+    _status(tmp_path, "20261205t000000-111111", pid=me, pid_start=process.start_ticks(me))
+    left = [_spawn(started, "20261205t000000-111111") for _ in range(2)]
+    other = _spawn(started, "20261205t000000-222222")
+
+    found = reaper.stop_run(tmp_path, "20261205t000000-111111")
+
+    assert sorted(item.pid for item in found) == sorted(proc.pid for proc in left)
+    assert all(_reaped(proc) for proc in left)
+    assert other.poll() is None

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline import fingerprint as fp
-from pipeline import render, secret, shell_pipes
+from pipeline import reaper, render, secret, shell_pipes
 from pipeline.config import BUMPS, Config, ImageConfig
 from pipeline.errors import ConfigError, Interrupted, ToolError, UsageError
 from pipeline.log import context
@@ -29,12 +29,14 @@ from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.semver import sort_key
 from pipeline.targets.local import accel, baseimage, qemu
-from pipeline.tools.ansible_output import failed_tasks, output_of
+from pipeline.tools.ansible_output import current_task, failed_tasks, output_of
 from pipeline.tools.versions import binary_version, python_package_version
 
 # Bumped when the way this module turns a recipe into an image changes.
 BAKE_RECIPE = "1"
 PACKER_TIMEOUT = 3600
+# What Packer prints when a provisioner's `timeout` fires (Packer 1.6.6, as an error line).
+PROVISIONER_TIMED_OUT = "Cancelling provisioner after a timeout"
 
 
 @dataclass(frozen=True)
@@ -590,9 +592,16 @@ def _packer_build_with(
             timeout=PACKER_TIMEOUT,
             env={"PACKER_CACHE_DIR": str(config.state_dir / "cache" / "packer")},
             cwd=run.dir,
+            # Packer 1.6.6 says it cancels the provisioner at its timeout, but its ansible
+            # provisioner does not stop ansible-playbook, and the build goes on to succeed once
+            # the play ends (seen: a role sleeping 600 s past a 30 s timeout was baked). The
+            # pipeline stops the build at that line instead.
+            stop_when=lambda line: PROVISIONER_TIMED_OUT in line,
         )
     except ToolError as exc:
-        raise _explain_packer_failure(exc) from None
+        raise _explain_packer_failure(exc, image, config.path) from None
+    finally:
+        _stop_leftovers(config, run, image, version)
     disk = work / "disk.qcow2"
     if not disk.is_file():
         raise ConfigError(str(template), None, f"Packer finished but wrote no {disk.name}")
@@ -708,9 +717,26 @@ def _ansible_env(config: Config) -> list[str]:
     ]
 
 
-def _explain_packer_failure(exc: ToolError) -> ToolError:
+def _stop_leftovers(config: Config, run: Run, image: ImageConfig, version: str) -> None:
+    """Stop what Packer left running when it ended: on a cancelled provisioner, the workers of
+    ansible-playbook and their SSH, which live in sessions of their own."""
+    for item in reaper.stop_run(config.state_dir, run.build_id):
+        context(f"{image.name} {version}", "bake").warning(
+            "stopped pid %d (%s), which Packer left behind", item.pid, item.command
+        )
+
+
+def _explain_packer_failure(exc: ToolError, image: ImageConfig, config_path: Path) -> ToolError:
     """Put the failing Ansible task (or Packer's own error) first: it is what the user needs."""
     lines = output_of(exc)
+    if image.provision_timeout is not None and any(PROVISIONER_TIMED_OUT in ln for ln in lines):
+        task = current_task(lines, prefix="qemu.image: ")
+        cause = (
+            f"the ansible provisioner ran past provision_timeout ({image.provision_timeout} s,"
+            f" images.{image.name}.provision_timeout in {config_path.name})"
+        )
+        cause += f" during task [{task}]" if task else ""
+        return ToolError(exc.what, exc.argv, exc.returncode, exc.tail, exc.log, cause=cause)
     causes = failed_tasks(lines, prefix="qemu.image: ")
     causes += [line.strip() for line in lines if "Build 'qemu.image' errored" in line]
     if not causes:

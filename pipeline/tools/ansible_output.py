@@ -46,6 +46,16 @@ def failed_tasks(lines: Iterable[str], *, prefix: str = "") -> list[str]:
     return found
 
 
+def current_task(lines: Iterable[str], *, prefix: str = "") -> str:
+    """The name of the last task (or handler) Ansible started in `lines`, or ''."""
+    task = ""
+    for raw in lines:
+        line = raw.split(prefix, 1)[-1].strip() if prefix else raw.strip()
+        if line.startswith("TASK [") or line.startswith("RUNNING HANDLER ["):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+    return task
+
+
 def _detail(line: str) -> str:
     """The most telling part of a `fatal:` line: its msg, or why failed_when failed."""
     _, _, payload = line.partition("=> ")

@@ -87,8 +87,13 @@ def run(
     on_line: Callable[[str], None] | None = None,
     check: bool = True,
     stdin_data: bytes | None = None,
+    stop_when: Callable[[str], bool] | None = None,
 ) -> Completed:
-    """Run `argv`, logging its output; raise ToolError naming `what` if it fails and `check`."""
+    """Run `argv`, logging its output; raise ToolError naming `what` if it fails and `check`.
+
+    `stop_when` is asked about every line of output: the first for which it holds stops the
+    command (its process group, as a timeout does) and raises ToolError, whatever its exit code.
+    """
     argv = [str(a) for a in argv]
     started = time.monotonic()
     lines: collections.deque[str] = collections.deque()
@@ -112,8 +117,20 @@ def run(
             log_file.close()
         raise MissingTool(f"{what}: `{argv[0]}` is not installed (run ./setup.sh)") from exc
 
+    stopped: list[str] = []
+    stopper = threading.Thread(target=stop_group, args=(proc,), daemon=True, name=f"stop-{what}")
+
+    def watch(line: str) -> None:
+        if on_line is not None:
+            on_line(line)
+        if stop_when is not None and not stopped and stop_when(line):
+            stopped.append(line)
+            # Stopped from another thread: this one goes on reading what the command prints
+            # while it ends, which it might otherwise block on.
+            stopper.start()
+
     reader = threading.Thread(
-        target=_pump, args=(proc, lines, log_file, on_line), daemon=True, name=f"pump-{what}"
+        target=_pump, args=(proc, lines, log_file, watch), daemon=True, name=f"pump-{what}"
     )
     reader.start()
     try:
@@ -143,9 +160,16 @@ def run(
         _close(log_file)
         raise
     reader.join()
+    if stopped:
+        stopper.join()
     _close(log_file)
 
     done = Completed(argv, proc.returncode, "\n".join(lines), log, time.monotonic() - started)
+    if stopped:
+        tail = list(lines)[-TAIL_LINES:]
+        # Its exit code says little: Packer, stopped so, ends with 0.
+        where = f"{what} (stopped by the pipeline at: {stopped[0].strip()})"
+        raise ToolError(where, argv, proc.returncode, tail, str(log or ""))
     if check and proc.returncode != 0:
         raise ToolError(what, argv, proc.returncode, done.tail, str(log or ""))
     return done
