@@ -596,7 +596,7 @@ def _packer_build_with(
             # provisioner does not stop ansible-playbook, and the build goes on to succeed once
             # the play ends (seen: a role sleeping 600 s past a 30 s timeout was baked). The
             # pipeline stops the build at that line instead.
-            stop_when=lambda line: PROVISIONER_TIMED_OUT in line,
+            stop_when=_provisioner_timed_out,
         )
     except ToolError as exc:
         raise _explain_packer_failure(exc, image, config.path) from None
@@ -717,6 +717,11 @@ def _ansible_env(config: Config) -> list[str]:
     ]
 
 
+def _provisioner_timed_out(line: str) -> bool:
+    # Packer's own lines start with ==>; Ansible's output, which a role controls, does not.
+    return line.startswith("==> ") and PROVISIONER_TIMED_OUT in line
+
+
 def _stop_leftovers(config: Config, run: Run, image: ImageConfig, version: str) -> None:
     """Stop what Packer left running when it ended: on a cancelled provisioner, the workers of
     ansible-playbook and their SSH, which live in sessions of their own."""
@@ -729,7 +734,7 @@ def _stop_leftovers(config: Config, run: Run, image: ImageConfig, version: str) 
 def _explain_packer_failure(exc: ToolError, image: ImageConfig, config_path: Path) -> ToolError:
     """Put the failing Ansible task (or Packer's own error) first: it is what the user needs."""
     lines = output_of(exc)
-    if image.provision_timeout is not None and any(PROVISIONER_TIMED_OUT in ln for ln in lines):
+    if image.provision_timeout is not None and any(map(_provisioner_timed_out, lines)):
         task = current_task(lines, prefix="qemu.image: ")
         cause = (
             f"the ansible provisioner ran past provision_timeout ({image.provision_timeout} s,"
