@@ -20,6 +20,8 @@ POINTS = frozenset(
     {
         # Inside a registry transaction, after its changes and before its commit.
         "registry.commit",
+        # In a front door reload, with the new configuration on disk and HAProxy not yet told.
+        "frontdoor.reload",
     }
 )
 
