@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+COMMAND_TIMEOUT = 2400
 
 
 def run_pipeline(
@@ -42,3 +46,54 @@ environments:
   dev:
     image: web
 """
+
+
+class Project:
+    """A copy of the example project in a temporary folder, driven through `python -m pipeline`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / ".pipeline"
+
+    def pipeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            pytest.fail(f"pipeline {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+        return done
+
+    def run_json(self, *args: str) -> tuple[dict, str]:
+        done = self.pipeline(*args, "--json")
+        return json.loads(done.stdout), done.stderr
+
+    def vm_processes(self) -> list[str]:
+        """Command lines of every QEMU whose files live in this project's state."""
+        return self.processes("qemu-system")
+
+    def processes(self, program: str) -> list[str]:
+        """Command lines of every `program` process that names this project's folder."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if program in cmdline and str(self.root) in cmdline:
+                found.append(cmdline)
+        return found
+
+
+def share_base(state: Path, shared: Path) -> None:
+    # The session's base image and key are reused, so that this story bakes only its own images.
+    state.mkdir(parents=True)
+    for name in ("base", "keys", "accel.json"):
+        if (shared / name).exists():
+            (state / name).symlink_to(shared / name)
