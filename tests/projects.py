@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,37 @@ def share_base(state: Path, shared: Path) -> None:
     for name in ("base", "keys", "accel.json"):
         if (shared / name).exists():
             (state / name).symlink_to(shared / name)
+
+
+class Probe:
+    """Requests the front door every 50 ms in a thread; counts answers, failures, versions."""
+
+    def __init__(self, url: str) -> None:
+        assert url.startswith("http://127.0.0.1:"), url
+        self.url = url
+        self.ok = 0
+        self.failed: list[str] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        print(f"\nprobe of {self.url}: {self.ok} answered, {len(self.failed)} failed")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=10) as response:
+                    body = response.read().decode()
+                self.ok += 1
+                found = re.search(r"^image: web (\S+)$", body, re.M)
+                if found:
+                    self.versions.add(found.group(1))
+            except Exception as exc:  # every kind of failure counts
+                self.failed.append(f"{time.strftime('%H:%M:%S')} {exc}")

@@ -27,16 +27,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from projects import Project, share_base, take_ctrl_c
+from projects import Probe, Project, share_base, take_ctrl_c
 
 from pipeline import reaper
 from pipeline.targets.local import qemu
@@ -243,35 +241,6 @@ def _set_message(project: Project, message: str) -> None:
     config = yaml.safe_load(path.read_text())
     config["images"]["web"]["vars"]["webservice_message"] = message
     path.write_text(yaml.safe_dump(config))
-
-
-class Probe:
-    """Requests a URL every 50 ms in a thread; counts answers and failures."""
-
-    def __init__(self, url: str) -> None:
-        assert url.startswith("http://127.0.0.1:"), url
-        self.url = url
-        self.ok = 0
-        self.failed: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=10) as response:
-                    response.read()
-                self.ok += 1
-            except Exception as exc:  # every kind of failure counts
-                self.failed.append(f"{time.strftime('%H:%M:%S')} {exc}")
 
 
 def test_killed_in_each_long_step_the_next_run_finds_and_finishes(

@@ -23,8 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import COMMAND_TIMEOUT, Project, share_base
+from projects import COMMAND_TIMEOUT, Probe, Project, share_base
 
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseImage
@@ -110,40 +108,6 @@ def project(
     for record in qemu.list_vms(project.state / "vms"):
         qemu.stop(record)
     del os.environ[CANARY_VARIABLE]
-
-
-class Probe:
-    """Requests the front door every 50 ms in a thread; counts answers, failures, versions."""
-
-    def __init__(self, url: str) -> None:
-        assert url.startswith("http://127.0.0.1:"), url
-        self.url = url
-        self.ok = 0
-        self.failed: list[str] = []
-        self.versions: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        print(f"\nprobe of {self.url}: {self.ok} answered, {len(self.failed)} failed")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=10) as response:
-                    body = response.read().decode()
-                self.ok += 1
-                found = re.search(r"^image: web (\S+)$", body, re.M)
-                if found:
-                    self.versions.add(found.group(1))
-            except Exception as exc:  # every kind of failure counts
-                self.failed.append(f"{time.strftime('%H:%M:%S')} {exc}")
 
 
 def _set_config(project: Project, change: Callable[[dict], None]) -> None:
