@@ -138,7 +138,10 @@ def _left(project: Project) -> list[str]:
     left += [f"folder {path}" for path in sorted(state.glob("base/.*"))]
     left += [f"folder {path}" for path in sorted(state.glob("images/*/.tmp-*"))]
     left += [f"vm folder {path}" for path in sorted(state.glob("vms/verify-*"))]
+    left += [f"secrets folder {path}" for path in sorted(state.glob("private/*"))]
     fleet_known = _terraform_instances(project)
+    outside = [path for path in sorted(state.glob("vms/web-dev-*")) if path.name not in fleet_known]
+    left += [f"vm folder outside Terraform's state: {path}" for path in outside]
     for line in project.vm_processes():
         if "/vms/web-dev-" in line and not any(f"/vms/{name}/" in line for name in fleet_known):
             left.append(f"fleet vm outside Terraform's state: {line[:120]}")
