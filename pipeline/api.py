@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import locks, reaper
+from pipeline import failpoints, locks, reaper
 from pipeline.config import NAME, Config
 from pipeline.errors import Interrupted, PipelineError, UsageError
 from pipeline.files import write_text_atomic
@@ -246,12 +246,15 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             locks.hold(config.state_dir, f"image-{image}", build_id=run_.build_id),
         ):
             baked = bake_stage.bake(config, image, run=run_, registry=registry)
+            failpoints.reach("run.baked")
             version = baked.version
             verified = False
             if version.state == "built":
                 version = verify_stage.verify(config, version, run=run_, registry=registry)
                 verified = True
+            failpoints.reach("run.verified")
             move = _promote(registry, image, environment.channel, version.version)
+            failpoints.reach("run.promoted")
             log = context(version.label, Stage.PROMOTE.value)
             if move.moved:
                 log.info("channel %s now points at %s", environment.channel, version.version)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import cron
+from pipeline import cron, secret
 from pipeline.errors import ConfigError, UsageError
 from pipeline.secret import MIN_LENGTH, SecretVar, remember
 
@@ -356,7 +356,11 @@ def load(path: Path | str | None = None) -> Config:
         raise ConfigError(str(path), None, "malformed YAML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot be read: {exc.strerror or exc}") from None
-    return parse(data, path)
+    config = parse(data, path)
+    secret.withhold(
+        var.env for image in config.images.values() for var in image.secret_vars.values() if var.env
+    )
+    return config
 
 
 def parse(data: Any, path: Path) -> Config:

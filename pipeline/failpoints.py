@@ -20,6 +20,12 @@ POINTS = frozenset(
     {
         # Inside a registry transaction, after its changes and before its commit.
         "registry.commit",
+        # In a front door reload, with the new configuration on disk and HAProxy not yet told.
+        "frontdoor.reload",
+        # Between the stages of `pipeline run`: baked, verified, channel moved, not deployed.
+        "run.baked",
+        "run.verified",
+        "run.promoted",
     }
 )
 

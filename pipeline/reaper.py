@@ -9,9 +9,10 @@ every child inherits it, through Packer, Molecule, ansible-runner and Terraform'
 
 Before a new run starts, `reap` looks for processes so marked whose run is over: its recorded
 process is gone, or the pid now belongs to another program (its start time differs). It stops
-them (SIGTERM, then SIGKILL), removes the folders of the VMs among them, and records the run as
-dead. Fleet instances are not touched: they outlive the deploy that made them on purpose, and
-Terraform's state, not a run, says whether they belong.
+them (SIGTERM, then SIGKILL), removes the folders of the VMs among them and the private folder
+that held its secrets, and records the run as dead. Fleet instances are not touched: they
+outlive the deploy that made them on purpose, and Terraform's state, not a run, says whether
+they belong.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -94,6 +96,7 @@ def reap(state_dir: Path) -> list[Leftover]:
     # Runs that died leaving nothing running are recorded too.
     for path in (state_dir / "runs").glob("*/status.json"):
         mark_dead(path)
+    _remove_private_folders(state_dir)
     return found
 
 
@@ -111,6 +114,18 @@ def stop_run(state_dir: Path, build_id: str) -> list[Leftover]:
     if found:
         _stop([item.pid for item in found])
     return found
+
+
+def _remove_private_folders(state_dir: Path) -> None:
+    """A bake or verify killed outright leaves the file that gave Ansible the image's secrets in
+    plain text (state_dir/private/<build id>-bake/); remove those of runs that are over."""
+    for folder in sorted((state_dir / "private").glob("*-*")):
+        build_id = folder.name.rpartition("-")[0]
+        status = _read_status(state_dir / "runs" / build_id / "status.json")
+        if status is not None and status.get("state") == "running" and run_alive(status):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s, left by run %s, which died", folder, build_id)
 
 
 def mark_dead(path: Path) -> None:

@@ -49,7 +49,7 @@ class SecretVar:
         if self.env is None:
             assert self.value is not None
             return self.value
-        value = os.environ.get(self.env, "")
+        value = _WITHHELD.get(self.env) or os.environ.get(self.env, "")
         if not value:
             problem = f"environment variable {self.env} is not set (it holds this secret)"
             raise ConfigError(str(config_path), self.key, problem)
@@ -60,13 +60,26 @@ class SecretVar:
             )
             raise ConfigError(str(config_path), self.key, problem)
         remember(value)
-        HIDDEN_ENV.add(self.env)
         return value
 
 
-# Environment variables holding secrets: the tools the pipeline runs do not inherit them (a
-# tool that dumps its environment into a log or crash report would otherwise write them).
-HIDDEN_ENV: set[str] = set()
+# The values of environment variables that hold secrets, taken out of this process's environment
+# as soon as a configuration names them. Every tool inherits the environment, however it is
+# started (ansible-runner copies it into its artifacts, Terraform into its providers), and the
+# commands that never read a secret (a deploy, a scale) start tools too.
+_WITHHELD: dict[str, str] = {}
+
+
+def withhold(variables: Iterable[str]) -> None:
+    """Move these environment variables out of os.environ, keeping their values for resolve(),
+    and mask those values from now on."""
+    for name in variables:
+        value = os.environ.pop(name, None)
+        if value is None:
+            continue
+        _WITHHELD[name] = value
+        if len(value) >= MIN_LENGTH:
+            remember(value)
 
 
 class Redactor:

@@ -9,7 +9,9 @@ its provision_timeout, leaves no image files, no VM, no Packer or Ansible proces
 recorded failed with the reason.
 Ansible drives the same project: `ansible -i inventories/dev` pings the live fleet, and the
 pipeline.images.image module deploys a second environment under ansible-playbook (changed once,
-then not; check mode touches nothing) that the fleet inventory plugin then lists.
+then not; check mode touches nothing), the repository's playbooks/roll.yml finds nothing to roll
+there, and the fleet inventory plugin lists it. Crashes and Ctrl-C in each step are the crash
+matrix's, in test_crash_vms.py.
 Throughout, the image carries a secret from the environment, which Molecule checks reached the
 role; at the end no file the runs left but the images holds it.
 """
@@ -23,8 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import take_ctrl_c
+from projects import COMMAND_TIMEOUT, Probe, Project, share_base
 
 from pipeline.reaper import RUN_ENV
 from pipeline.targets.local import qemu
@@ -42,7 +42,6 @@ from pipeline.tools import process
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parent.parent
-COMMAND_TIMEOUT = 2400
 
 # The secret every bake of web gives its roles, through secret_vars and the environment.
 CANARY_VARIABLE = "PIPELINE_TEST_CANARY"
@@ -77,57 +76,6 @@ CANARY_VERIFY = """
 """
 
 
-class Project:
-    """A copy of the example project in a temporary folder, driven through `python -m pipeline`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state = root / ".pipeline"
-
-    def pipeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args],
-            cwd=self.root,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            pytest.fail(f"pipeline {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
-        return done
-
-    def run_json(self, *args: str) -> tuple[dict, str]:
-        done = self.pipeline(*args, "--json")
-        return json.loads(done.stdout), done.stderr
-
-    def vm_processes(self) -> list[str]:
-        """Command lines of every QEMU whose files live in this project's state."""
-        return self.processes("qemu-system")
-
-    def processes(self, program: str) -> list[str]:
-        """Command lines of every `program` process that names this project's folder."""
-        found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if program in cmdline and str(self.root) in cmdline:
-                found.append(cmdline)
-        return found
-
-
-def _share_base(state: Path, shared: Path) -> None:
-    # The session's base image and key are reused, so that this story bakes only its own images.
-    state.mkdir(parents=True)
-    for name in ("base", "keys", "accel.json"):
-        if (shared / name).exists():
-            (state / name).symlink_to(shared / name)
-
-
 @pytest.fixture(scope="module")
 def project(
     tmp_path_factory: pytest.TempPathFactory, state_dir: Path, base_image: BaseImage
@@ -156,7 +104,7 @@ def project(
     with (root / "molecule" / "web" / "verify.yml").open("a") as verify:
         verify.write(CANARY_VERIFY)
     (root / "pipeline.yml").write_text(yaml.safe_dump(config))
-    _share_base(root / ".pipeline", state_dir)
+    share_base(root / ".pipeline", state_dir)
     os.environ[CANARY_VARIABLE] = CANARY
     project = Project(root)
     yield project
@@ -164,40 +112,6 @@ def project(
     for record in qemu.list_vms(project.state / "vms"):
         qemu.stop(record)
     del os.environ[CANARY_VARIABLE]
-
-
-class Probe:
-    """Requests the front door every 50 ms in a thread; counts answers, failures, versions."""
-
-    def __init__(self, url: str) -> None:
-        assert url.startswith("http://127.0.0.1:"), url
-        self.url = url
-        self.ok = 0
-        self.failed: list[str] = []
-        self.versions: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        print(f"\nprobe of {self.url}: {self.ok} answered, {len(self.failed)} failed")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=10) as response:
-                    body = response.read().decode()
-                self.ok += 1
-                found = re.search(r"^image: web (\S+)$", body, re.M)
-                if found:
-                    self.versions.add(found.group(1))
-            except Exception as exc:  # every kind of failure counts
-                self.failed.append(f"{time.strftime('%H:%M:%S')} {exc}")
 
 
 def _set_config(project: Project, change: Callable[[dict], None]) -> None:
@@ -507,6 +421,20 @@ def _deploy_ops_from_ansible(
     assert [i["name"] for i in again["instances"]] == [instance["name"]]
     assert _ops_vms(project) == booted
 
+    # The repository's playbook rolls ops onto the role's inputs; put back as the version ops
+    # runs was baked from, nothing is baked, verified, promoted or replaced, and it says so.
+    defaults = project.root / "roles" / "webservice" / "defaults" / "main.yml"
+    shutil.copy2(REPO / "roles" / "webservice" / "defaults" / "main.yml", defaults)
+    rolled = _ansible(
+        project, "ansible-playbook", "playbooks/roll.yml", "-e", "roll_env=ops",
+        "-e", "roll_image=web", "-e", f"ansible_python_interpreter={sys.executable}",
+    )  # fmt: skip
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert re.search(r"^localhost\s*: ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", rolled.stdout,
+                     re.M), rolled.stdout  # fmt: skip
+    assert instance["url"] in rolled.stdout
+    assert _ops_vms(project) == booted
+
     # Check mode against the live environment: no change, and no state touched.
     before = _ops_state(project)
     checked = _image_module(project, folder, check=True, action="deploy", env="ops")
@@ -751,69 +679,6 @@ def test_a_provisioner_past_its_timeout_bakes_nothing_and_leaves_nothing_running
     assert [pid for pid, run in process.marked_processes(RUN_ENV) if run == build_id] == []
     assert project.processes("ansible-playbook") == []
     assert project.processes("ssh ") == []
-
-
-def _interrupt_when_a_vm_runs(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    """Start `pipeline ARGS`, press Ctrl-C once one of its VMs runs, and wait for it to end."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=project.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        # A terminal's foreground job always takes Ctrl-C; this suite may have been started
-        # as a background job of a script, which inherits SIGINT ignored (and so would the
-        # pipeline, which then could not be interrupted at all).
-        preexec_fn=take_ctrl_c,
-    )
-    deadline = time.monotonic() + 900
-    while not project.vm_processes():
-        assert proc.poll() is None, f"pipeline {' '.join(args)} ended before any VM ran"
-        assert time.monotonic() < deadline, "no VM started within 900 s"
-        time.sleep(1)
-    time.sleep(3)
-    # A terminal's Ctrl-C goes to the foreground process group: the pipeline's.
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def test_ctrl_c_during_a_bake_leaves_no_vm_no_image_and_a_failed_version(
-    project: Project,
-) -> None:
-    project.pipeline("destroy", "dev")
-    before = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
-    _set_message(project, "Hello from a bake that never finishes")
-
-    done = _interrupt_when_a_vm_runs(project, "bake", "web")
-
-    assert done.returncode == 130, done.stderr
-    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
-    assert project.vm_processes() == []
-    after = json.loads(project.pipeline("images", "list", "web", "--json").stdout)
-    assert after[:-1] == before
-    assert after[-1]["status"] == "failed"
-    assert after[-1]["failure"].startswith("interrupted"), after[-1]
-    leftovers = [p.name for p in (project.state / "images" / "web").iterdir()]
-    assert not [name for name in leftovers if name.startswith(".tmp")], leftovers
-
-
-def test_ctrl_c_during_a_deploy_leaves_no_vm_and_a_usable_state(project: Project) -> None:
-    project.pipeline("destroy", "dev")
-
-    done = _interrupt_when_a_vm_runs(project, "deploy", "dev")
-
-    assert done.returncode == 130, done.stderr
-    assert "Traceback" not in done.stderr
-    assert project.vm_processes() == []
-    status = json.loads(project.pipeline("status", "dev", "--json").stdout)
-    assert all(not item["running"] for item in status["instances"])
-    healed, _ = project.run_json("deploy", "dev")
-    assert len(healed["instances"]) == 2
-    assert all(i["health"] == "healthy" for i in healed["instances"])
-    project.pipeline("destroy", "dev")
-    assert project.vm_processes() == []
 
 
 def _regular_files(root: Path) -> Iterator[Path]:

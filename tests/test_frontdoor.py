@@ -6,6 +6,8 @@ import http.client
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.skipif(
     shutil.which("haproxy", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None,
     reason="HAProxy is not installed",
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Fast checks keep the suite short; the default of 1 s would make a DOWN take seconds.
 FAST = HealthCheck(interval=0.1, rise=2, fall=2)
@@ -356,3 +360,35 @@ def test_only_loopback_ports_and_safe_names_are_accepted(tmp_path):
     assert "server a 127.0.0.1:8080 " in config
     assert "\n    log " not in config
     assert frontdoor.ADDRESS == "127.0.0.1"
+
+
+@pytest.mark.parametrize("how", ["KILL", "INT"])
+def test_a_reload_killed_before_haproxy_was_told_is_made_by_the_next_apply(folder, backends, how):
+    a, b = backends("a"), backends("b")
+    FrontDoor(folder, name="web", health=FAST).apply({"a": a.port, "b": b.port})
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from pipeline.targets.local.frontdoor import FrontDoor, HealthCheck\n"
+        "door = FrontDoor(Path(sys.argv[1]), name='web', health=HealthCheck(interval=0.1))\n"
+        "door.apply({'b': int(sys.argv[2])})\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(b.port)],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "PIPELINE_FAILPOINT": f"frontdoor.reload:{how}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode != 0, killed.stderr
+
+    door = FrontDoor(folder, name="web", health=FAST)
+    # Whatever the dead run left on disk, HAProxy still serves what it was last told.
+    assert door.servers() == {"a": "UP", "b": "UP"}
+    door.apply({"b": b.port})
+    assert door.servers() == {"b": "UP"}
+    assert set(answers(door.port, 4)) == {"b"}

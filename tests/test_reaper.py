@@ -86,6 +86,24 @@ def test_a_killed_runs_leftover_is_stopped_and_the_run_recorded_dead(
     assert "died" in recorded["message"]
 
 
+def test_the_secrets_folder_of_a_run_that_died_is_removed_and_a_live_runs_kept(
+    tmp_path: Path,
+) -> None:
+    me = os.getpid()
+    _status(tmp_path, "20261205t000000-dddddd", pid=_gone_pid(), pid_start=1)
+    _status(tmp_path, "20261205t000000-eeeeee", pid=me, pid_start=process.start_ticks(me))
+    dead = tmp_path / "private" / "20261205t000000-dddddd-bake"
+    live = tmp_path / "private" / "20261205t000000-eeeeee-verify"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "bake-vars.json").write_text('{"token": "secret-value"}')
+
+    reaper.reap(tmp_path)
+
+    assert not dead.exists()
+    assert (live / "bake-vars.json").is_file()
+
+
 def test_a_live_run_keeps_its_processes(
     tmp_path: Path, started: list[subprocess.Popen[bytes]]
 ) -> None:

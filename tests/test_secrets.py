@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline.registry import open_registry
 from pipeline.stages import bake as bake_stage
 from pipeline.stages import verify as verify_stage
 from pipeline.targets.local import baseimage
-from pipeline.tools import playbook
+from pipeline.tools import playbook, process
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY = "canary-3f9a1c7e-secret-value"
@@ -102,6 +103,35 @@ def test_secret_values_stay_out_of_the_config_s_repr(tmp_path: Path) -> None:
     assert set(image.secret_vars) == {"webservice_api_token", "webservice_db_password"}
     assert "webservice_api_token" not in image.vars
     assert CANARY not in repr(loaded)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_withheld(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no environment variable withheld by an earlier test's config."""
+    monkeypatch.setattr(secret, "_WITHHELD", {})
+
+
+def test_a_secret_s_environment_variable_is_out_of_every_tool_s_reach_once_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the e2e canary: a scale's smoke playbook, which reads no secret, left the
+    variable in ansible-runner's artifacts, which copy the whole environment."""
+    monkeypatch.setenv("TEST_DB_PASSWORD", CANARY)
+    _copy_project(tmp_path)
+    loaded = config.load(_write(tmp_path, SECRET_IMAGE))
+
+    assert "TEST_DB_PASSWORD" not in os.environ
+    assert "TEST_DB_PASSWORD" not in process.command_env()
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.environ.items()))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert CANARY not in child.stdout
+    # The bake still gets it, and it is masked.
+    assert bake_stage.secret_values(loaded, loaded.image("web"))["webservice_db_password"] == CANARY
+    assert secret.redact(f"token {CANARY}") == f"token {secret.MASK}"
 
 
 def test_a_secret_from_an_unset_environment_variable_names_key_and_variable(
@@ -388,6 +418,7 @@ def test_verify_refuses_a_secret_other_than_the_one_baked_with(project: Path) ->
         "webservice_db_password": FROM_ENV,
     }
     os.environ["TEST_DB_PASSWORD"] = FROM_ENV + "-rotated"
+    loaded = config.load(project / "pipeline.yml")  # as the next command would read it
 
     with pytest.raises(UsageError) as caught:
         verify_stage.baked_secrets(loaded, baked)

@@ -51,10 +51,10 @@ def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
     The folder of this Python comes first on PATH, so that the tools installed beside the
     pipeline (ansible-playbook, ansible-config, molecule) are found even when the virtual
-    environment was never activated. Variables that hold a secret (an image's secret_vars read
-    from the environment) are left out.
+    environment was never activated. (Variables that hold a secret are not in os.environ: see
+    secret.withhold.)
     """
-    env = {name: value for name, value in os.environ.items() if name not in secret.HIDDEN_ENV}
+    env = dict(os.environ)
     env.update(BASE_ENV)
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])

@@ -228,19 +228,30 @@ def _refresh_token(state_dir: Path, spec: BaseSpec) -> str:
     return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
 
-def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
-    """Return the cached base image for `spec`, building it first if it is not there."""
-    key = ssh_key(state_dir)
-    public_key = key.with_suffix(".pub").read_text()
+def cached_base_image(state_dir: Path, spec: BaseSpec) -> BaseImage | None:
+    """The base image for `spec` if it is built, else None; builds nothing."""
+    final = _base_folder(state_dir, spec)
+    return _load(final) if (final / "manifest.json").exists() else None
+
+
+def _base_folder(state_dir: Path, spec: BaseSpec) -> Path:
+    public_key = ssh_key(state_dir).with_suffix(".pub").read_text()
     fp = fingerprint(
         spec,
         public_key=public_key,
         tool_version=mmdebstrap_version(state_dir),
         refresh=_refresh_token(state_dir, spec),
     )
-    final = state_dir / "base" / fp
+    return state_dir / "base" / fp
+
+
+def ensure_base_image(state_dir: Path, spec: BaseSpec, *, log_dir: Path) -> BaseImage:
+    """Return the cached base image for `spec`, building it first if it is not there."""
+    final = _base_folder(state_dir, spec)
     if (final / "manifest.json").exists():
         return _load(final)
+    fp = final.name
+    public_key = ssh_key(state_dir).with_suffix(".pub").read_text()
 
     context(f"base {spec.suite}", "build").info(
         "building the Debian base image %s from packages (about a minute; cached after)", fp

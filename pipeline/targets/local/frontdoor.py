@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from pipeline import failpoints
 from pipeline.errors import MissingTool, PipelineError, ToolError, UsageError
 from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.tools.process import run
@@ -202,7 +203,7 @@ class FrontDoor:
         wanted = _check_backends(backends, self.port)
         with self._locked():
             text = self._render(wanted)
-            if self.running() and _read(self._config) == text:
+            if self.running() and _read(self._config) == text and self._serves(wanted):
                 # Already serving exactly these: a reload would only churn workers.
                 return
             candidate = self._write_candidate(text)
@@ -387,6 +388,7 @@ backend {self._backend}
         offset = _size(self._log)
         pid = int(self._pidfile.read_text().strip())
         try:
+            failpoints.reach("frontdoor.reload")
             os.kill(pid, signal.SIGUSR2)
             self._wait_serving(backends, previous=previous, failed=failed, offset=offset)
         except BaseException:
@@ -431,6 +433,14 @@ backend {self._backend}
                 )
                 raise FrontDoorError(_with_tail(message, self._log, offset))
             time.sleep(0.05)
+
+    def _serves(self, backends: Mapping[str, int]) -> bool:
+        """Whether the current worker serves exactly these. The file on disk alone does not
+        say: a run killed during a reload leaves the new file written and HAProxy not told."""
+        try:
+            return self._listed(self._current_worker()) == set(backends.items())
+        except (_NoAnswer, FrontDoorError):
+            return False
 
     def _listed(self, worker: int) -> set[tuple[str, int]] | None:
         rows = _state_rows(self._ask(f"@!{worker} show servers state {self._backend}"))
