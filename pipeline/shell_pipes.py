@@ -90,6 +90,26 @@ def find(roles_dir: Path, roles: Iterable[str]) -> list[RiskyPipe]:
     """Every shell task in `roles` (and the roles and task files they pull in) that pipes
     without pipefail, in the order met."""
     found: list[RiskyPipe] = []
+    for kind, path, task, source, line in _walk_roles(roles_dir, roles):
+        if kind == "task" and _is_risky(task, source):
+            found.append(RiskyPipe(path, line, str(task.get("name") or "(unnamed)")))
+    return found
+
+
+def reached_roles(roles_dir: Path, roles: Iterable[str]) -> list[str]:
+    """The names of `roles` and of every role they pull in (meta dependencies, a role included
+    by a plain name), in the order met: all of them are inputs of a bake."""
+    names: list[str] = []
+    for kind, path, _task, _source, _line in _walk_roles(roles_dir, roles):
+        if kind == "role" and path.is_dir() and path.parent == Path(os.path.normpath(roles_dir)):
+            names.append(path.name)
+    return names
+
+
+def _walk_roles(
+    roles_dir: Path, roles: Iterable[str]
+) -> Iterator[tuple[str, Path, dict[str, Any], str, int]]:
+    """Each role reached (kind "role") and each task of their task files (kind "task"), once."""
     queue: list[tuple[str, Path]] = [("role", roles_dir / name) for name in roles]
     seen: set[Path] = set()
     while queue:
@@ -99,14 +119,13 @@ def find(roles_dir: Path, roles: Iterable[str]) -> list[RiskyPipe]:
         seen.add(path.resolve())
         path = Path(os.path.normpath(path))
         if kind == "role":
+            yield "role", path, {}, "", 0
             queue += [("role", roles_dir / name) for name in _dependencies(path)]
             queue += [("file", file) for file in _task_files(path)]
             continue
         for task, source, line in _tasks(path):
-            if _is_risky(task, source):
-                found.append(RiskyPipe(path, line, str(task.get("name") or "(unnamed)")))
+            yield "task", path, task, source, line
             queue += _included(task, path, roles_dir)
-    return found
 
 
 def _task_files(role: Path) -> list[Path]:

@@ -10,7 +10,7 @@ from projects import MINIMAL
 from pipeline import config
 from pipeline import fingerprint as fp
 from pipeline.errors import ConfigError
-from pipeline.stages.bake import role_dirs
+from pipeline.stages.bake import role_dirs, role_hashes
 
 
 def _role(root: Path) -> Path:
@@ -147,3 +147,25 @@ def test_a_role_folder_without_tasks_is_treated_as_missing(project: config.Confi
 
     assert caught.value.key == "images.web.roles[1]"
     assert f"no {project.roles_dir / 'webservice'}/tasks/main.yml" in str(caught.value)
+
+
+def test_roles_pulled_in_by_a_meta_dependency_or_an_include_are_inputs_too(
+    project: config.Config,
+) -> None:
+    web = _role(project.roles_dir / "webservice")
+    _role(project.roles_dir / "common")
+    _role(project.roles_dir / "tls")
+    (web / "meta").mkdir()
+    (web / "meta" / "main.yml").write_text("dependencies:\n  - role: common\n")
+    with (web / "tasks" / "main.yml").open("a") as tasks:
+        tasks.write("- name: Certificates\n  ansible.builtin.include_role:\n    name: tls\n")
+
+    before = role_hashes(project, project.image("web"))
+    assert list(before) == ["base", "webservice", "common", "tls"]
+
+    (project.roles_dir / "common" / "tasks" / "main.yml").write_text("- name: Changed\n")
+    after = role_hashes(project, project.image("web"))
+    assert after["common"] != before["common"]
+    assert {k: v for k, v in after.items() if k != "common"} == {
+        k: v for k, v in before.items() if k != "common"
+    }

@@ -64,6 +64,14 @@ class BakeResult:
     baked: bool
 
 
+def role_hashes(config: Config, image: ImageConfig) -> dict[str, str]:
+    """The hash of each role a bake applies: those the image lists and those they pull in (a
+    meta dependency, a role included by name), whose changes make a new version as well."""
+    role_dirs(config, image)  # a missing listed role is named first
+    names = shell_pipes.reached_roles(config.roles_dir, image.roles)
+    return {name: fp.hash_tree(config.roles_dir / name) for name in names}
+
+
 def role_dirs(config: Config, image: ImageConfig) -> dict[str, Path]:
     """The folder of each role the image lists; a missing role is an error naming it."""
     found = {}
@@ -137,7 +145,7 @@ def secret_values(config: Config, image: ImageConfig) -> dict[str, str]:
 def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
     """Collect and hash every input; builds and registers the base image if it is new."""
     check_inputs(config, image)
-    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+    roles = role_hashes(config, image)
     template = template_path(config, image)
 
     if image.parent is not None:
@@ -203,7 +211,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
     """
     image = config.image(image_name)
     check_inputs(config, image)
-    roles = {name: fp.hash_tree(folder) for name, folder in role_dirs(config, image).items()}
+    roles = role_hashes(config, image)
     template = template_path(config, image)
     notes: list[str] = []
     if image.parent is not None:
