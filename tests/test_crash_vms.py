@@ -15,11 +15,12 @@ state, temporary folders and mounts. After the next run none may be left, the re
 whole and unchanged but for the dead runs' own records, and Terraform's state readable and its
 lock free (the next apply takes it: nothing here passes -lock=false). Between the cells, while a
 scale-out holds the environment, a second deploy, a whole run and a scheduled run give way at
-once, naming the holder.
+once, naming the holder; so does a second run while a run of the same environment bakes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import pytest
 import yaml
 from projects import Probe, Project, share_base, take_ctrl_c
 
-from pipeline import reaper
+from pipeline import locks, reaper
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseSpec, cached_base_image
 
@@ -82,9 +83,14 @@ class Killed:
         self.returncode = 0
         self.stderr = ""
 
-    def run(self, at: Callable[[], bool] | str, settle: float = 3.0) -> Killed:
+    def run(
+        self,
+        at: Callable[[], bool] | str,
+        settle: float = 3.0,
+        meanwhile: Callable[[subprocess.Popen[str]], None] | None = None,
+    ) -> Killed:
         """Signal the command once `at()` holds, or let it signal itself at the failpoint `at`
-        (the pipeline alone, then, for both signals)."""
+        (the pipeline alone, then, for both signals); `meanwhile` runs while it goes."""
         env = dict(os.environ)
         if isinstance(at, str):
             env["PIPELINE_FAILPOINT"] = f"{at}:{self.how}"
@@ -98,6 +104,8 @@ class Killed:
             start_new_session=True,
             preexec_fn=take_ctrl_c,
         )
+        if meanwhile is not None:
+            meanwhile(proc)
         if not isinstance(at, str):
             deadline = time.monotonic() + 900
             while not at():
@@ -323,7 +331,10 @@ def _between_the_stages_of_a_run(project: Project, matrix: Matrix) -> None:
     for point in ("run.baked", "run.verified", "run.promoted"):
         for how in ("INT", "KILL"):
             before = _registry(project)
-            killed = Killed(project, how, ("run", "web", "--env", "dev")).run(point)
+            race = None
+            if (point, how) == ("run.baked", "INT"):  # it bakes for a minute first
+                race = functools.partial(_a_second_run_gives_way, project)
+            killed = Killed(project, how, ("run", "web", "--env", "dev")).run(point, meanwhile=race)
             assert how == "KILL" or "interrupted" in killed.stderr, killed.stderr
             found = _left(project)
             assert found == [], found  # between stages no tool runs
@@ -341,6 +352,20 @@ def _between_the_stages_of_a_run(project: Project, matrix: Matrix) -> None:
              "yes, to the end" if last else "yes (the next cell's run)")  # fmt: skip
     assert after == [], after
     assert not any(lost for _, _, lost in rows), rows
+
+
+def _a_second_run_gives_way(project: Project, first: subprocess.Popen[str]) -> None:
+    """Two `run`s of one environment at once: the second exits at once, naming the first, and
+    leaves the first's processes alone (it reaps only dead runs')."""
+    deadline = time.monotonic() + 300
+    while locks.holder(project.state, "env-dev") is None:
+        assert first.poll() is None, "the first run ended before it held dev"
+        assert time.monotonic() < deadline, "the first run never took dev's lock"
+        time.sleep(0.2)
+    second = project.pipeline("run", "web", "--env", "dev", check=False)
+    assert second.returncode == 7, second.stderr
+    assert f"env-dev is locked by another run (pid {first.pid}, build " in second.stderr
+    assert first.poll() is None
 
 
 def _progressed(before: dict[str, str], after: dict[str, str]) -> str:
