@@ -366,6 +366,9 @@ def load(path: Path | str | None = None) -> Config:
 def parse(data: Any, path: Path) -> Config:
     """Check an already parsed pipeline.yml; `path` names it in errors and anchors its folder."""
     reader = _Reader(path)
+    if data is None:
+        problem = "the file is empty (or only comments); it must hold images: and environments:"
+        raise reader.fail("", problem)
     top = reader.mapping(
         data,
         "",
@@ -575,7 +578,9 @@ def _secret_vars(reader: _Reader, raw: Any, key: str) -> dict[str, SecretVar]:
             found[name] = SecretVar(name=name, key=where, env=env)
             continue
         if not isinstance(value, str):
-            message = f"must be a string or {{env: VARIABLE}}, got {_kind(value)} (quote it)"
+            # The kind alone: a value that is not a string is still what the user keeps secret.
+            got = _shown(None) if value is None else f"{_kind(value)} (quote it)"
+            message = f"must be a string or {{env: VARIABLE}}, got {got}"
             raise reader.fail(where, message)
         if len(value) < MIN_LENGTH:
             message = f"a secret needs at least {MIN_LENGTH} characters to be masked in logs"
@@ -786,6 +791,11 @@ def _shown(value: Any) -> str:
     if isinstance(value, dt.date):
         # YAML reads 2026-12-05 as a date; its Python form would name nothing the user wrote.
         return f"the date {value.isoformat()} (quote it to make it a string)"
+    if value is None:
+        # An empty key (`environments:` and nothing under it), or `~` or `null`.
+        return "no value (the key is empty)"
+    if value == "":
+        return "an empty string"
     return f"{_kind(value)} {value!r}"
 
 

@@ -154,8 +154,15 @@ CASES = [
         "yaml-only-a-comment",
         PLAN,
         3,
-        (PIPELINE_YML, "must be a mapping, got nothing"),
+        (PIPELINE_YML, "pipeline.yml: the file is empty (or only comments); it must hold images:"),
         write={"pipeline.yml": "# images: to come\n"},
+    ),
+    Bad(
+        "yaml-empty-file",
+        PLAN,
+        3,
+        (PIPELINE_YML, "pipeline.yml: the file is empty (or only comments); it must hold images:"),
+        write={"pipeline.yml": ""},
     ),
     # unknown keys
     Bad(
@@ -233,7 +240,7 @@ CASES = [
         "wrong-type-environments-empty",
         PLAN,
         3,
-        (PIPELINE_YML, "environments: must be a mapping, got nothing None"),
+        (PIPELINE_YML, "environments: must be a mapping, got no value (the key is empty)"),
         write={"pipeline.yml": SMALL.replace(" {}", "")},
     ),
     # versions that are not semantic

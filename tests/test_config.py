@@ -167,7 +167,7 @@ BAD = [
         "empty-file",
         "",
         None,
-        "must be a mapping, got nothing None",
+        "the file is empty (or only comments); it must hold images: and environments:",
     ),
     (
         "a-date-in-vars",

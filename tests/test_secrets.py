@@ -54,6 +54,7 @@ BAD_SECRETS = [
     ("a-number", "{token: 12345678}", "images.web.secret_vars.token", "got int (quote it)"),
     ("too-short", "{token: abc12}", "images.web.secret_vars.token", "at least 6 characters"),
     ("a-list", "{token: [hunter22]}", "images.web.secret_vars.token", "got a list"),
+    ("empty", "{token: }", "images.web.secret_vars.token", "got no value (the key is empty)"),
     ("bad-name", "{'not a name': hunter22}", "images.web.secret_vars.not a name", "not valid"),
     ("env-typo", "{token: {evn: TOKEN}}", "images.web.secret_vars.token.evn", "unknown key"),
     ("env-bad", "{token: {env: 'A-B'}}", "images.web.secret_vars.token.env", "not valid"),
