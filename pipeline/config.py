@@ -413,6 +413,7 @@ def parse(data: Any, path: Path) -> Config:
     for name, raw in envs_raw.items():
         reader.string(name, f"environments.{name}", NAME)
         environments[name] = _environment(reader, name, raw, images)
+    _check_ports_differ(reader, environments)
     for image in images.values():
         _check_schedule_env(reader, image, environments)
     terraform = reader.string(top.get("terraform", "embedded"), "terraform")
@@ -708,6 +709,20 @@ def _environment(
         rollout=rollout,
         port=port,
     )
+
+
+def _check_ports_differ(reader: _Reader, environments: dict[str, EnvironmentConfig]) -> None:
+    """Two front doors cannot listen on one port: the second environment's deploy would fail
+    (or, worse, the first environment's door would answer for both)."""
+    first: dict[int, str] = {}
+    for name, environment in environments.items():
+        if environment.port is None:
+            continue
+        if environment.port in first:
+            other = f"environments.{first[environment.port]}.front_door.port"
+            message = f"{environment.port} is already the port of {other}"
+            raise reader.fail(f"environments.{name}.front_door.port", message)
+        first[environment.port] = name
 
 
 def _health(reader: _Reader, raw: Any, key: str, default_path: str) -> HealthConfig:

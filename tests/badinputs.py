@@ -243,6 +243,20 @@ CASES = [
         (PIPELINE_YML, "environments: must be a mapping, got no value (the key is empty)"),
         write={"pipeline.yml": SMALL.replace(" {}", "")},
     ),
+    Bad(
+        "front-door-port-of-two-environments",
+        PLAN,
+        3,
+        (
+            PIPELINE_YML,
+            "environments.staging.front_door.port: 18080 is already the port of"
+            " environments.dev.front_door.port",
+        ),
+        append={
+            "pipeline.yml": "    front_door: {port: 18080}\n"
+            "  staging:\n    image: web\n    front_door: {port: 18080}\n"
+        },
+    ),
     # versions that are not semantic
     Bad(
         "version-with-a-v",

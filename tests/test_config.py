@@ -683,3 +683,12 @@ def test_a_scheduled_run_goes_to_an_environment_of_its_own_image(tmp_path: Path)
     assert str(caught.value) == (
         f"{path}: images.web.schedule.env: environment 'other' runs image 'api', not 'web'"
     )
+
+
+def test_environments_on_different_front_door_ports_load(tmp_path: Path) -> None:
+    text = GOOD + "    front_door: {port: 18080}\n  staging:\n    image: web\n"
+    text += "    front_door: {port: 18081}\n"
+
+    loaded = config.load(_write(tmp_path, text))
+
+    assert [env.port for env in loaded.environments.values()] == [18080, 18081]
