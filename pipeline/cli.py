@@ -33,8 +33,8 @@ def _common_options(*, top: bool) -> argparse.ArgumentParser:
     common.add_argument(
         "-c",
         "--config",
-        metavar="FILE",
-        help="pipeline.yml to use (default: ./pipeline.yml)",
+        metavar="PATH",
+        help="pipeline.yml to use, or the project folder holding it (default: ./pipeline.yml)",
         **({"default": None} if top else default),
     )
     # argparse parses a sub-command into a fresh namespace and copies it over the top one, so a

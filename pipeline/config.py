@@ -341,10 +341,16 @@ def _playbook_problem(path: Path) -> str:
 
 
 def load(path: Path | str | None = None) -> Config:
-    """Read and check pipeline.yml (by default the one in the current folder)."""
-    path = Path(path) if path else Path.cwd() / CONFIG_NAME
-    if not path.is_file():
+    """Read and check pipeline.yml: `path`, the one in the folder `path`, or by default the
+    one in the current folder."""
+    path = Path(path) if path else Path.cwd()
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.exists():
         raise ConfigError(str(path), None, "no such file (run from the project folder, or use -c)")
+    if not path.is_file():
+        # A device, a pipe or a socket: reading one would hang or read nothing.
+        raise ConfigError(str(path), None, "not a regular file (give pipeline.yml or its folder)")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:

@@ -164,6 +164,12 @@ CASES = [
         (PIPELINE_YML, "pipeline.yml: the file is empty (or only comments); it must hold images:"),
         write={"pipeline.yml": ""},
     ),
+    Bad(
+        "config-option-on-a-device",
+        "-c /dev/null " + PLAN,
+        3,
+        ("/dev/null: not a regular file",),
+    ),
     # unknown keys
     Bad(
         "unknown-key-environment-for-environments",

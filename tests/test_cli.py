@@ -108,6 +108,28 @@ def test_the_config_option_works_before_and_after_the_command(
     assert _only_error_line(done.stderr).startswith("unknown image 'db'")
 
 
+def test_the_config_option_takes_the_project_folder(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+
+    done = pipeline("-c", str(project), "images", "list", "db", cwd=elsewhere)
+
+    # Exit 2 (unknown image), not 3: the folder's pipeline.yml was read.
+    assert done.returncode == 2
+    assert _only_error_line(done.stderr).startswith("unknown image 'db'")
+
+
+def test_a_folder_without_pipeline_yml_names_the_file_looked_for(tmp_path: Path) -> None:
+    folder = tmp_path / "empty-project"
+    folder.mkdir()
+
+    done = pipeline("-c", str(folder), "images", "list", cwd=tmp_path)
+
+    assert done.returncode == 3
+    assert _only_error_line(done.stderr).startswith(f"{folder / 'pipeline.yml'}: no such file")
+
+
 def test_a_wrong_command_line_exits_2(project: Path) -> None:
     done = pipeline("images", "show", cwd=project)
 
