@@ -77,7 +77,7 @@ def _project(
         from pipeline.stages import fleet
 
         fleet.configuration(config, config.environment(deploys))
-    registry = open_registry(config.state_dir, config.registry)
+    registry = open_registry(config.state_dir, config.registry, root=config.root)
     try:
         yield config, registry
     finally:

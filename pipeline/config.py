@@ -40,7 +40,6 @@ BUMPS = ("patch", "minor", "major")
 # What a bump can be declared for: the kinds of input whose change it applies to.
 BUMP_INPUTS = ("roles", "vars", "template", "base", "tools")
 DEFAULT_BASE = "debian"
-REGISTRY_URL = re.compile(r"^(sqlite:///.+|postgres(ql)?://.+)$")
 MAX_IMAGE_AND_ENVIRONMENT = 28
 # Seconds Packer gives an image's Ansible provisioner (provision_timeout). The top stays below
 # the time the pipeline gives the whole Packer run (stages.bake.PACKER_TIMEOUT, 3600 s), which
@@ -426,11 +425,13 @@ def parse(data: Any, path: Path) -> Config:
     registry = None
     if top.get("registry") is not None:
         registry = reader.string(top["registry"], "registry")
-        if not REGISTRY_URL.fullmatch(registry):
-            message = "must be sqlite:///PATH or postgresql://USER@HOST/DATABASE"
-            raise reader.fail("registry", message)
-        if registry.startswith("sqlite:///") and not registry.startswith("sqlite:////"):
-            registry = f"sqlite:///{root / registry.removeprefix('sqlite:///')}"
+        # Imported here: the registry's modules read version numbers by this module's SEMVER.
+        from pipeline.registry import backends
+
+        problem = backends.url_problem(registry)
+        if problem:
+            raise reader.fail("registry", problem)
+        registry = backends.anchored(registry, root)
     vault_password_file = None
     if top.get("vault_password_file") is not None:
         given = reader.string(top["vault_password_file"], "vault_password_file")

@@ -40,6 +40,13 @@ class ConfigError(PipelineError, ValueError):
         self.key = key
 
 
+class VariableError(ConfigError):
+    """An environment variable of the user's holds a wrong value: names the variable and it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"environment variable {variable}", None, problem)
+
+
 class TemplateError(ConfigError):
     """A template could not be rendered (undefined name, syntax error)."""
 
@@ -116,7 +123,9 @@ EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it with --debug output)",
     UsageError.exit_code: "wrong command line, or unknown image, environment or version",
-    ConfigError.exit_code: "a file of yours is wrong (pipeline.yml, a role, a template)",
+    ConfigError.exit_code: (
+        "a file or variable of yours is wrong (pipeline.yml, a role, a template, PIPELINE_*)"
+    ),
     ToolError.exit_code: "an external tool (Packer, Ansible, Molecule, Terraform, QEMU) failed",
     VerifyFailed.exit_code: "the image failed verification",
     DeployFailed.exit_code: "the rollout failed",

@@ -59,6 +59,8 @@ class Bad:
     write: dict[str, str | bytes] = field(default_factory=dict)
     remove: tuple[str, ...] = ()
     state: str | None = None
+    # Environment variables the command runs with.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _yml(*pairs: tuple[str, str]) -> dict[str, list[tuple[str, str]]]:
@@ -169,6 +171,34 @@ CASES = [
         "-c /dev/null " + PLAN,
         3,
         ("/dev/null: not a regular file",),
+    ),
+    # the registry's URL
+    Bad(
+        "registry-variable-not-a-url",
+        "images list",
+        3,
+        (
+            "environment variable PIPELINE_REGISTRY_URL: 'bogus' is not sqlite:///PATH"
+            " (PATH relative to the project folder), sqlite:////ABSOLUTE/PATH or postgresql://",
+        ),
+        env={"PIPELINE_REGISTRY_URL": "bogus"},
+    ),
+    Bad(
+        "registry-variable-relative-path-in-no-folder",
+        "images list",
+        4,
+        (
+            "cannot open the registry {project}/tmp/x/r.db: no folder {project}/tmp/x",
+            "PIPELINE_REGISTRY_URL names a path relative to the project folder {project};",
+        ),
+        env={"PIPELINE_REGISTRY_URL": "sqlite:///tmp/x/r.db"},
+    ),
+    Bad(
+        "registry-key-in-memory",
+        "images list",
+        3,
+        (PIPELINE_YML, "registry: 'sqlite:///:memory:' is not sqlite:///PATH"),
+        replace=_yml(("images:\n", "registry: 'sqlite:///:memory:'\nimages:\n")),
     ),
     # unknown keys
     Bad(

@@ -137,7 +137,9 @@ def test_a_bad_input_gives_one_clear_message_and_writes_nothing(
     # the embedded Terraform are found beside Python, but start no VM without qemu.)
     no_tools = tmp_path / "no-tools"
     no_tools.mkdir()
-    done = run_pipeline(*shlex.split(case.run), cwd=project, timeout=30, PATH=str(no_tools))
+    done = run_pipeline(
+        *shlex.split(case.run), cwd=project, timeout=30, PATH=str(no_tools), **case.env
+    )
 
     output = done.stdout + done.stderr
     assert "Traceback" not in output, output

@@ -193,7 +193,7 @@ BAD = [
         "registry-url-of-another-kind",
         "registry: mysql://db/registry\n" + GOOD,
         "registry",
-        "must be sqlite:///PATH or postgresql://",
+        "'mysql://db/registry' is not sqlite:///PATH (PATH relative to the project folder)",
     ),
     (
         "base-that-is-not-declared",

@@ -1027,6 +1027,21 @@ def test_a_registry_in_a_folder_that_does_not_exist_is_refused(
     assert not (project / "no").exists()
 
 
+def test_a_relative_sqlite_path_in_the_variable_is_read_from_the_project_folder(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    for folder in (project, elsewhere):
+        (folder / "shared").mkdir(parents=True)
+    monkeypatch.setenv(URL_VARIABLE, "sqlite:///shared/registry.db")
+
+    done = run_pipeline("-c", str(project), "images", "list", cwd=elsewhere)
+
+    assert done.returncode == 0, done.stderr
+    assert (project / "shared" / "registry.db").is_file()
+    assert not (elsewhere / "shared" / "registry.db").exists()
+
+
 def test_gc_dry_run_stands_in_no_runs_way_while_gc_waits_for_it(project: Path) -> None:
     seed_for_gc(project)
 

@@ -379,13 +379,39 @@ def redact(url: str) -> str:
 
 URL_SCHEMES = ("sqlite", "postgresql", "postgres")
 _SQLITE_URL = re.compile(r"sqlite:///(?P<path>.+)")
+_POSTGRES_URL = re.compile(r"postgres(ql)?://.+")
+# The forms a registry URL takes, as messages and the README give them.
+URL_FORMS = (
+    "sqlite:///PATH (PATH relative to the project folder), sqlite:////ABSOLUTE/PATH"
+    " or postgresql://USER@HOST/DATABASE"
+)
+
+
+def url_problem(url: str) -> str:
+    """Why `url` names no registry, or "" when it has one of the URL_FORMS."""
+    if _POSTGRES_URL.fullmatch(url):
+        return ""
+    match = _SQLITE_URL.fullmatch(url)
+    if match and match["path"] != ":memory:":
+        return ""
+    return f"{redact(url)!r} is not {URL_FORMS}"
+
+
+def anchored(url: str, root: Path) -> str:
+    """`url` with a relative SQLite path read from `root`, the project folder: the same URL then
+    names the same file whichever folder a command runs in."""
+    match = _SQLITE_URL.fullmatch(url)
+    if match is None or Path(match["path"]).is_absolute():
+        return url
+    return f"sqlite:///{root / match['path']}"
 
 
 def connect(url: str, *, create_folder: bool = False) -> Backend:
     """The backend for a registry URL: `sqlite:///path` or `postgresql://...`.
 
     An SQLite file's folder must exist unless `create_folder` (the default registry's, in the
-    state folder): a mistyped path is refused rather than created.
+    state folder): a mistyped path is refused rather than created. A relative path is read from
+    the current folder: open_registry anchors one to the project folder first.
     """
     scheme = url.split(":", 1)[0]
     if scheme in ("postgresql", "postgres"):
@@ -393,6 +419,4 @@ def connect(url: str, *, create_folder: bool = False) -> Backend:
     match = _SQLITE_URL.fullmatch(url)
     if scheme == "sqlite" and match and match["path"] != ":memory:":
         return SQLiteBackend(Path(match["path"]), create_folder=create_folder)
-    raise RegistryUnavailable(
-        f"registry URL {redact(url)!r} is neither sqlite:///PATH nor postgresql://..."
-    )
+    raise RegistryUnavailable(f"registry URL {url_problem(url)}")
