@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,6 +423,8 @@ def parse(data: Any, path: Path) -> Config:
     for image in images.values():
         _check_schedule_env(reader, image, environments)
     terraform = reader.string(top.get("terraform", "embedded"), "terraform")
+    if "/" in terraform:
+        terraform = str(_executable(reader, root, terraform, "terraform"))
     registry = None
     if top.get("registry") is not None:
         registry = reader.string(top["registry"], "registry")
@@ -451,6 +454,18 @@ def parse(data: Any, path: Path) -> Config:
         bases,
         vault_password_file,
     )
+
+
+def _executable(reader: _Reader, root: Path, given: str, key: str) -> Path:
+    """A program named by its path, read from the project folder: it must be there now, as a
+    wrong path is a mistake in the file, not a tool that failed. (A name is looked up on PATH
+    when the tool runs.)"""
+    path = root / Path(given).expanduser()
+    if not path.exists():
+        raise reader.fail(key, f"{given!r}: no such file ({path})")
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise reader.fail(key, f"{given!r} is not an executable file ({path})")
+    return path
 
 
 def _base(reader: _Reader, name: str, raw: Any, key: str) -> BaseConfig:

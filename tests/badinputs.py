@@ -200,6 +200,23 @@ CASES = [
         (PIPELINE_YML, "registry: 'sqlite:///:memory:' is not sqlite:///PATH"),
         replace=_yml(("images:\n", "registry: 'sqlite:///:memory:'\nimages:\n")),
     ),
+    Bad(
+        "terraform-path-that-does-not-exist",
+        PLAN,
+        3,
+        (PIPELINE_YML, "pipeline.yml: terraform: '/nonexistent/tofu': no such file"),
+        replace=_yml(("images:\n", "terraform: /nonexistent/tofu\nimages:\n")),
+    ),
+    Bad(
+        "terraform-path-to-a-folder",
+        PLAN,
+        3,
+        (
+            PIPELINE_YML,
+            "pipeline.yml: terraform: 'roles/' is not an executable file ({project}/roles)",
+        ),
+        replace=_yml(("images:\n", "terraform: roles/\nimages:\n")),
+    ),
     # unknown keys
     Bad(
         "unknown-key-environment-for-environments",

@@ -439,6 +439,20 @@ def test_the_embedded_terraform_is_the_default_and_a_named_one_must_exist(tmp_pa
         terraform_for(named, named.environment("dev"), tmp_path / "logs")
 
 
+def test_a_terraform_path_is_read_from_the_project_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = tmp_path / "bin" / "tofu"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.chdir(tmp_path / "bin")
+
+    loaded = config.load(_write(tmp_path, "terraform: bin/tofu\n" + GOOD))
+
+    assert loaded.terraform == str(tmp_path.resolve() / "bin" / "tofu")
+
+
 def test_bases_are_named_and_shared_and_an_inline_base_is_named_after_its_image(
     tmp_path: Path,
 ) -> None:
