@@ -734,8 +734,8 @@ def _environment(
 
 
 def _check_ports_differ(reader: _Reader, environments: dict[str, EnvironmentConfig]) -> None:
-    """Two front doors cannot listen on one port: the second environment's deploy would fail
-    (or, worse, the first environment's door would answer for both)."""
+    """Each environment's front door listens on its own port of 127.0.0.1: two environments
+    given one port could not both have theirs."""
     first: dict[int, str] = {}
     for name, environment in environments.items():
         if environment.port is None:
@@ -831,8 +831,8 @@ def _shown(value: Any) -> str:
     if value is None:
         # An empty key (`environments:` and nothing under it), or `~` or `null`.
         return "no value (the key is empty)"
-    if value == "":
-        return "an empty string"
+    if isinstance(value, str | list | dict) and not value:
+        return f"an empty {_kind(value).removeprefix('a ')}"
     return f"{_kind(value)} {value!r}"
 
 

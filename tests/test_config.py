@@ -190,6 +190,18 @@ BAD = [
         "make instance names too long",
     ),
     (
+        "an-empty-channel",
+        GOOD + "    channel: ''\n",
+        "environments.dev.channel",
+        "must be a non-empty string, got an empty string",
+    ),
+    (
+        "roles-an-empty-mapping",
+        GOOD.replace("[base, webservice]", "{}"),
+        "images.web.roles",
+        "must be a list, got an empty mapping",
+    ),
+    (
         "registry-url-of-another-kind",
         "registry: mysql://db/registry\n" + GOOD,
         "registry",
@@ -614,7 +626,7 @@ SCHEDULE_BAD = [
         "no-triggers",
         "{cron: '* * * * *', triggers: []}",
         "images.web.schedule.triggers",
-        "must list at least one trigger, got a list []",
+        "must list at least one trigger, got an empty list",
     ),
     (
         "max-age-without-days",
