@@ -311,6 +311,8 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
                 move = {"from": now, "to": existing.version, "when": when}
             else:
                 move = {"from": now, "to": now, "when": "stays"}
+                # `run` would deploy what the channel holds: a revoked version it refuses.
+                target = deploy_stage.channel_version(registry, environment)
         fleet = deploy_stage.plan(
             config, environment, registry=registry, target=target, future=bake["rebuild"]
         )
