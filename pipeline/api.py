@@ -261,7 +261,17 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             elif move.current == version.version:
                 log.info("channel %s already on %s", environment.channel, version.version)
             else:
-                log.info("channel %s stays on %s: %s", environment.channel, move.current, move.note)
+                log.info(
+                    "channel %s stays on %s: %s (pipeline.yml now describes %s; to run it, "
+                    "`pipeline promote %s %s %s --allow-older`, then deploy)",
+                    environment.channel,
+                    move.current,
+                    move.note,
+                    version.version,
+                    image,
+                    environment.channel,
+                    version.version,
+                )
             deployed = deploy_stage.deploy(config, environment, run=run_, registry=registry)
             result = RunResult(
                 image=image,
