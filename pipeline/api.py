@@ -261,7 +261,17 @@ def run(image: str, env: str, *, config_path: Path | str | None = None) -> RunRe
             elif move.current == version.version:
                 log.info("channel %s already on %s", environment.channel, version.version)
             else:
-                log.info("channel %s stays on %s: %s", environment.channel, move.current, move.note)
+                log.info(
+                    "channel %s stays on %s: %s (pipeline.yml now describes %s; to run it, "
+                    "`pipeline promote %s %s %s --allow-older`, then deploy)",
+                    environment.channel,
+                    move.current,
+                    move.note,
+                    version.version,
+                    image,
+                    environment.channel,
+                    version.version,
+                )
             deployed = deploy_stage.deploy(config, environment, run=run_, registry=registry)
             result = RunResult(
                 image=image,
@@ -311,6 +321,8 @@ def plan(image: str, env: str, *, config_path: Path | str | None = None) -> dict
                 move = {"from": now, "to": existing.version, "when": when}
             else:
                 move = {"from": now, "to": now, "when": "stays"}
+                # `run` would deploy what the channel holds: a revoked version it refuses.
+                target = deploy_stage.channel_version(registry, environment)
         fleet = deploy_stage.plan(
             config, environment, registry=registry, target=target, future=bake["rebuild"]
         )

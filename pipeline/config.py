@@ -581,7 +581,7 @@ def _image(
         service_port=reader.integer(
             item.get("service_port", 8080), f"{key}.service_port", 1, 65535
         ),
-        health_path=reader.string(item.get("health_path", "/healthz"), f"{key}.health_path"),
+        health_path=_health_path(reader, item.get("health_path", "/healthz"), f"{key}.health_path"),
         schedule=_schedule(reader, item["schedule"], f"{key}.schedule", parent)
         if item.get("schedule") is not None
         else None,
@@ -747,15 +747,20 @@ def _check_ports_differ(reader: _Reader, environments: dict[str, EnvironmentConf
         first[environment.port] = name
 
 
+def _health_path(reader: _Reader, raw: Any, key: str) -> str:
+    path = reader.string(raw, key)
+    if not HEALTH_PATH.fullmatch(path):
+        message = f"{path!r} must start with / and hold no spaces, quotes or '#'"
+        raise reader.fail(key, message)
+    return path
+
+
 def _health(reader: _Reader, raw: Any, key: str, default_path: str) -> HealthConfig:
     if raw is None:
         return HealthConfig(path=default_path)
     allowed = {"path", "timeout", "status", "passes", "failures", "interval", "smoke"}
     item = reader.mapping(raw, key, allowed, set())
-    path = reader.string(item.get("path", default_path), f"{key}.path")
-    if not HEALTH_PATH.fullmatch(path):
-        message = f"{path!r} must start with / and hold no spaces, quotes or '#'"
-        raise reader.fail(f"{key}.path", message)
+    path = _health_path(reader, item.get("path", default_path), f"{key}.path")
     smoke = None
     if item.get("smoke") is not None:
         smoke_name = reader.string(item["smoke"], f"{key}.smoke")

@@ -493,6 +493,13 @@ CASES = [
         replace=_yml(("      path: /healthz", "      path: '/h\"${x}'")),
     ),
     Bad(
+        "value-image-health-path-with-a-space-and-a-fragment",
+        "deploy dev",
+        3,
+        (PIPELINE_YML, "images.web.health_path: '/he alth#x' must start with /"),
+        replace=_image_key("    health_path: '/he alth#x'\n"),
+    ),
+    Bad(
         "value-channel-with-a-directive",
         PLAN,
         3,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from projects import MINIMAL
+from projects import MINIMAL, run_pipeline
 
 from pipeline import api
 from pipeline import config as config_mod
@@ -288,6 +288,28 @@ def test_deploy_in_check_mode_refuses_a_revoked_channel_version_as_deploy_does(
     assert "cannot deploy dev: channel dev points at web 1.0.0" in str(planned["msg"])
     assert "CVE-2026-0007 in the service" in str(planned["msg"])
     assert "plan" not in planned
+
+
+def test_a_run_in_check_mode_and_plan_refuse_a_channel_left_on_a_revoked_version(
+    tmp_path: Path, project: Path
+) -> None:
+    """The inputs are those of a verified older version, so the channel stays on the revoked
+    newer one, which `run` then refuses to deploy (found by a new user's trial: plan said all
+    was well)."""
+    config_path = project / "pipeline.yml"
+    fingerprint = api.bake_preview("web", config_path=config_path)["fingerprint"]
+    add_verified(project, tmp_path, "1.0.0", fingerprint=fingerprint)
+    add_verified(project, tmp_path, "1.0.1")
+    api.promote("web", "dev", "1.0.1", config_path=config_path)
+    api.revoke("web", "1.0.1", reason="CVE-2026-0009 in the message", config_path=config_path)
+
+    ran = run_module(tmp_path, project, check=True, action="run", image="web", env="dev")
+    planned = run_pipeline("plan", "web", "--env", "dev", cwd=project)
+
+    assert ran["failed"] is True and ran["rc"] == 6
+    assert "cannot deploy dev: channel dev points at web 1.0.1" in str(ran["msg"])
+    assert planned.returncode == 6, planned.stderr
+    assert "CVE-2026-0009 in the message" in planned.stderr
 
 
 def test_bake_in_check_mode_refuses_the_inputs_of_a_revoked_version_as_bake_does(

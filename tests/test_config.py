@@ -32,6 +32,8 @@ def test_the_example_pipeline_yml_loads() -> None:
     dev = loaded.environment("dev")
     assert (dev.image, dev.channel, dev.instances, dev.target) == ("web", "dev", 2, "local")
     assert (dev.health.path, dev.health.timeout) == ("/healthz", 600)
+    # The README's second run shows two waves of one.
+    assert (dev.rollout.strategy, dev.rollout.max_surge) == ("rolling", 1)
     assert loaded.state_dir == REPO / ".pipeline"
     assert loaded.roles_dir == REPO / "roles"
 
