@@ -132,6 +132,9 @@ def test_check_mode_reports_the_plan_and_changes_nothing(tmp_path: Path, project
     assert isinstance(plan, dict)
     assert plan["bake"]["rebuild"] is True
     assert plan["move"] == {"from": None, "to": "1.0.0", "when": "after bake and verify"}
+    # Nothing baked yet, so Terraform has nothing to plan; the note says what the deploy does.
+    assert plan["fleet"]["changes"] == []
+    assert plan["fleet"]["note"].endswith("the first deploy creates 2")
     assert not (project / ".pipeline" / "runs").exists()
     config = config_mod.load(project / "pipeline.yml")
     registry = open_registry(config.state_dir, config.registry)

@@ -284,7 +284,10 @@ def plan(
         waves = 0
         if target is None:
             members: dict[str, Any] = {}
-            note = "no version to plan with"
+            note = (
+                f"no version of {environment.image} to plan with yet: Terraform cannot plan"
+                f" instances of an image not baked; the first deploy creates {size}"
+            )
         else:
             keep, _dead, old = rollout.sort_members(fleet, target, size)
             new = fleet.new_members(target, size - len(keep))
