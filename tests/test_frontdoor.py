@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from projects import take_ctrl_c
 
 from pipeline.errors import ToolError, UsageError
 from pipeline.targets.local import frontdoor
@@ -383,6 +384,8 @@ def test_a_reload_killed_before_haproxy_was_told_is_made_by_the_next_apply(folde
         text=True,
         timeout=60,
         check=False,
+        # A test run started in the background makes its children ignore SIGINT.
+        preexec_fn=take_ctrl_c,
     )
     assert killed.returncode != 0, killed.stderr
 

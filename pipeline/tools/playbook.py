@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,12 +156,22 @@ def _cancel_on_signal() -> Iterator[threading.Event]:
             signal.signal(number, handler)
 
 
-def kill_marked(marker: str) -> list[int]:
-    """SIGKILL every process whose environment carries this run's mark; return their pids."""
-    killed = []
-    for pid, value in process.marked_processes(MARK):
-        if value == marker:
+def kill_marked(marker: str, rounds: int = 20) -> list[int]:
+    """SIGKILL every process whose environment carries this run's mark; return their pids.
+
+    Scans again until one finds none: a process forked while a scan went through /proc (by a
+    worker killed a moment later) would otherwise be missed and live on (seen on a loaded
+    machine: the play's `sleep` outlived its timeout).
+    """
+    killed: list[int] = []
+    for _ in range(rounds):
+        found = [pid for pid, value in process.marked_processes(MARK) if value == marker]
+        if not found:
+            break
+        for pid in found:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                if pid not in killed:
+                    killed.append(pid)
+        time.sleep(0.05)
     return killed
