@@ -69,12 +69,13 @@ _Loader.add_multi_constructor(
 )
 
 
-def check(roles_dir: Path, roles: Iterable[str]) -> None:
+def check(roles_dir: Path, roles: Iterable[str]) -> list[str]:
     """Refuse a shell task that would hide a failure behind a pipe, in `roles` or what they
-    pull in, with a ConfigError naming its file, line and name and what to do."""
-    found = find(roles_dir, roles)
+    pull in, with a ConfigError naming its file, line and name and what to do. Return the roles
+    reached (see reached_roles), which the same walk finds."""
+    found, reached = _scan(roles_dir, roles)
     if not found:
-        return
+        return reached
     first = found[0]
     others = f" ({len(found) - 1} more such task(s) after it)" if len(found) > 1 else ""
     message = (
@@ -89,21 +90,27 @@ def check(roles_dir: Path, roles: Iterable[str]) -> None:
 def find(roles_dir: Path, roles: Iterable[str]) -> list[RiskyPipe]:
     """Every shell task in `roles` (and the roles and task files they pull in) that pipes
     without pipefail, in the order met."""
-    found: list[RiskyPipe] = []
-    for kind, path, task, source, line in _walk_roles(roles_dir, roles):
-        if kind == "task" and _is_risky(task, source):
-            found.append(RiskyPipe(path, line, str(task.get("name") or "(unnamed)")))
-    return found
+    return _scan(roles_dir, roles)[0]
 
 
 def reached_roles(roles_dir: Path, roles: Iterable[str]) -> list[str]:
     """The names of `roles` and of every role they pull in (meta dependencies, a role included
     by a plain name), in the order met: all of them are inputs of a bake."""
-    names: list[str] = []
-    for kind, path, _task, _source, _line in _walk_roles(roles_dir, roles):
-        if kind == "role" and path.is_dir() and path.parent == Path(os.path.normpath(roles_dir)):
-            names.append(path.name)
-    return names
+    return _scan(roles_dir, roles)[1]
+
+
+def _scan(roles_dir: Path, roles: Iterable[str]) -> tuple[list[RiskyPipe], list[str]]:
+    """One walk of the roles: the risky pipes, and the roles reached under `roles_dir`."""
+    found: list[RiskyPipe] = []
+    reached: list[str] = []
+    top = Path(os.path.normpath(roles_dir))
+    for kind, path, task, source, line in _walk_roles(roles_dir, roles):
+        if kind == "role":
+            if path.is_dir() and path.parent == top:
+                reached.append(path.name)
+        elif _is_risky(task, source):
+            found.append(RiskyPipe(path, line, str(task.get("name") or "(unnamed)")))
+    return found, reached
 
 
 def _walk_roles(

@@ -10,7 +10,7 @@ from projects import MINIMAL
 from pipeline import config
 from pipeline import fingerprint as fp
 from pipeline.errors import ConfigError
-from pipeline.stages.bake import role_dirs, role_hashes
+from pipeline.stages.bake import applied_roles, role_dirs, role_hashes
 
 
 def _role(root: Path) -> Path:
@@ -160,11 +160,11 @@ def test_roles_pulled_in_by_a_meta_dependency_or_an_include_are_inputs_too(
     with (web / "tasks" / "main.yml").open("a") as tasks:
         tasks.write("- name: Certificates\n  ansible.builtin.include_role:\n    name: tls\n")
 
-    before = role_hashes(project, project.image("web"))
+    before = role_hashes(project, applied_roles(project, project.image("web")))
     assert list(before) == ["base", "webservice", "common", "tls"]
 
     (project.roles_dir / "common" / "tasks" / "main.yml").write_text("- name: Changed\n")
-    after = role_hashes(project, project.image("web"))
+    after = role_hashes(project, applied_roles(project, project.image("web")))
     assert after["common"] != before["common"]
     assert {k: v for k, v in after.items() if k != "common"} == {
         k: v for k, v in before.items() if k != "common"

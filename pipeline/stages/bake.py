@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,16 @@ class BakeResult:
     baked: bool
 
 
-def role_hashes(config: Config, image: ImageConfig) -> dict[str, str]:
-    """The hash of each role a bake applies: those the image lists and those they pull in (a
-    meta dependency, a role included by name), whose changes make a new version as well."""
-    role_dirs(config, image)  # a missing listed role is named first
-    names = shell_pipes.reached_roles(config.roles_dir, image.roles)
+def applied_roles(config: Config, image: ImageConfig) -> list[str]:
+    """The roles a bake applies: those the image lists (a missing one is named), then those they
+    pull in (a meta dependency, a role included by name), whose changes make a new version as
+    well. The same walk refuses a shell task that would hide its failure behind a pipe."""
+    role_dirs(config, image)
+    return shell_pipes.check(config.roles_dir, image.roles)
+
+
+def role_hashes(config: Config, names: Iterable[str]) -> dict[str, str]:
+    """The hash of each of these roles' folders."""
     return {name: fp.hash_tree(config.roles_dir / name) for name in names}
 
 
@@ -94,16 +100,16 @@ def template_path(config: Config, image: ImageConfig) -> Path:
     return template
 
 
-def check_inputs(config: Config, image: ImageConfig) -> None:
+def check_inputs(config: Config, image: ImageConfig) -> list[str]:
     """Find a mistake in an image's roles or template before anything is written or built.
 
     The template is rendered with stand-ins for what only a bake knows (the base's files, the
     accelerator, the run's folder), so that a name it uses and a bake does not give fails now,
     not after the base image is built and a version number is spent. A shell task that would
-    hide its failure behind a pipe is refused here too (see pipeline.shell_pipes).
+    hide its failure behind a pipe is refused here too (see pipeline.shell_pipes). Returns the
+    roles a bake applies (applied_roles).
     """
-    role_dirs(config, image)
-    shell_pipes.check(config.roles_dir, image.roles)
+    roles = applied_roles(config, image)
     template_path(config, image)
     secret_values(config, image)
     stand_in = config.state_dir / "check"
@@ -127,6 +133,7 @@ def check_inputs(config: Config, image: ImageConfig) -> None:
         vars_file=stand_in / "bake-vars.json",
     )
     render.render(config.templates_dir, image.template, context_vars)
+    return roles
 
 
 def secret_values(config: Config, image: ImageConfig) -> dict[str, str]:
@@ -144,8 +151,7 @@ def secret_values(config: Config, image: ImageConfig) -> dict[str, str]:
 
 def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Registry) -> Inputs:
     """Collect and hash every input; builds and registers the base image if it is new."""
-    check_inputs(config, image)
-    roles = role_hashes(config, image)
+    roles = role_hashes(config, check_inputs(config, image))
     template = template_path(config, image)
 
     if image.parent is not None:
@@ -210,8 +216,7 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
     A base image that is not built yet is not built here: its new version is announced.
     """
     image = config.image(image_name)
-    check_inputs(config, image)
-    roles = role_hashes(config, image)
+    roles = role_hashes(config, check_inputs(config, image))
     template = template_path(config, image)
     notes: list[str] = []
     if image.parent is not None:
