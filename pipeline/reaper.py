@@ -113,6 +113,8 @@ def stop_run(state_dir: Path, build_id: str) -> list[Leftover]:
     ]
     if found:
         _stop([item.pid for item in found])
+        # And what they forked while being stopped.
+        process.kill_marked(RUN_ENV, build_id, spare=fleet)
     return found
 
 

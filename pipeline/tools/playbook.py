@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ def run(
                 cancel_callback=canceled.is_set,
             )
         finally:
-            kill_marked(marker)
+            process.kill_marked(MARK, marker)
             secret.REDACTOR.scrub(private)
     if canceled.is_set() or str(runner.status) == "canceled":
         raise Interrupted(f"interrupted during playbook {playbook.name}; it was stopped")
@@ -154,24 +153,3 @@ def _cancel_on_signal() -> Iterator[threading.Event]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def kill_marked(marker: str, rounds: int = 20) -> list[int]:
-    """SIGKILL every process whose environment carries this run's mark; return their pids.
-
-    Scans again until one finds none: a process forked while a scan went through /proc (by a
-    worker killed a moment later) would otherwise be missed and live on (seen on a loaded
-    machine: the play's `sleep` outlived its timeout).
-    """
-    killed: list[int] = []
-    for _ in range(rounds):
-        found = [pid for pid, value in process.marked_processes(MARK) if value == marker]
-        if not found:
-            break
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                if pid not in killed:
-                    killed.append(pid)
-        time.sleep(0.05)
-    return killed

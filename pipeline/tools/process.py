@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +218,30 @@ def marked_processes(name: str) -> Iterator[tuple[int, str]]:
             if item.startswith(needle):
                 yield int(entry.name), item[len(needle) :].decode(errors="replace")
                 break
+
+
+def kill_marked(
+    name: str, value: str, *, spare: Collection[int] = (), rounds: int = 20
+) -> list[int]:
+    """SIGKILL every process (but those in `spare`) whose environment sets `name` to `value`;
+    return their pids.
+
+    Scans again until one finds none: a process forked while a scan went through /proc (by a
+    parent killed a moment later) would otherwise be missed and live on (seen on a loaded
+    machine: a smoke play's `sleep` outlived its timeout).
+    """
+    killed: list[int] = []
+    for _ in range(rounds):
+        found = [pid for pid, mark in marked_processes(name) if mark == value and pid not in spare]
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                if pid not in killed:
+                    killed.append(pid)
+        time.sleep(0.05)
+    return killed
 
 
 def start_ticks(pid: int) -> int | None:
