@@ -107,11 +107,7 @@ class Killed:
         if meanwhile is not None:
             meanwhile(proc)
         if not isinstance(at, str):
-            deadline = time.monotonic() + 900
-            while not at():
-                assert proc.poll() is None, f"pipeline {' '.join(self.args)} ended first"
-                assert time.monotonic() < deadline, f"pipeline {' '.join(self.args)}: not ready"
-                time.sleep(0.5)
+            _wait_while_it_runs(proc, at, f"pipeline {' '.join(self.args)}", 900)
             time.sleep(settle)
             if self.how == "KILL":
                 os.kill(proc.pid, signal.SIGKILL)  # the pipeline alone: its children go on
@@ -124,6 +120,17 @@ class Killed:
         assert self.returncode == SIGNALS[self.how], self.stderr
         assert "Traceback" not in self.stderr
         return self
+
+
+def _wait_while_it_runs(
+    proc: subprocess.Popen[str], condition: Callable[[], bool], what: str, timeout: float
+) -> None:
+    """Wait until `condition()` holds; fail if `proc` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"{what} ended first"
+        assert time.monotonic() < deadline, f"{what} did not get there in {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def _mounts(project: Project) -> list[str]:
@@ -357,11 +364,12 @@ def _between_the_stages_of_a_run(project: Project, matrix: Matrix) -> None:
 def _a_second_run_gives_way(project: Project, first: subprocess.Popen[str]) -> None:
     """Two `run`s of one environment at once: the second exits at once, naming the first, and
     leaves the first's processes alone (it reaps only dead runs')."""
-    deadline = time.monotonic() + 300
-    while locks.holder(project.state, "env-dev") is None:
-        assert first.poll() is None, "the first run ended before it held dev"
-        assert time.monotonic() < deadline, "the first run never took dev's lock"
-        time.sleep(0.2)
+    _wait_while_it_runs(
+        first,
+        lambda: locks.holder(project.state, "env-dev") is not None,
+        "the first run, to take dev's lock,",
+        300,
+    )
     second = project.pipeline("run", "web", "--env", "dev", check=False)
     assert second.returncode == 7, second.stderr
     assert f"env-dev is locked by another run (pid {first.pid}, build " in second.stderr
@@ -401,11 +409,12 @@ def _race_while_scaling_out(project: Project) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 900
-        while len([line for line in project.vm_processes() if "/vms/web-dev-" in line]) < 2:
-            assert scaling.poll() is None, "scale dev 2 ended before its VM started"
-            assert time.monotonic() < deadline, "scale dev 2 started no VM"
-            time.sleep(0.5)
+        _wait_while_it_runs(
+            scaling,
+            lambda: len([p for p in project.vm_processes() if "/vms/web-dev-" in p]) >= 2,
+            "scale dev 2, to start its VM,",
+            900,
+        )
         holder = f"env-dev is locked by another run (pid {scaling.pid}, build "
         for args in (("deploy", "dev"), ("run", "web", "--env", "dev")):
             second = project.pipeline(*args, check=False)
