@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -317,6 +318,95 @@ def test_a_build_id_unfit_for_a_name_is_refused(
     assert "Instance names are host names" in " ".join("\n".join(caught.value.tail).split())
 
 
+def state_with(fleet: Fleet, image: BaseImage, *, schema_version: int = 1) -> dict[str, Any]:
+    """A state file such as an apply writes: one instance and a deposed object of the same key
+    (an old instance whose delete failed after its replacement came up)."""
+
+    def attributes(port: int, version: str) -> dict[str, Any]:
+        return {
+            "address": "127.0.0.1", "append": image.append, "cpus": 1, "health_path": "/",
+            "health_timeout": 600, "http_guest_port": 8080, "http_port": port,
+            "image": str(image.disk), "image_version": version, "initrd": str(image.initrd),
+            "kernel": str(image.kernel), "labels": {"build_id": "b1", "environment": "test"},
+            "memory": 768, "name": "web-test-b1-0", "pid": 4242, "ssh_port": port + 1,
+            "started_at": "1796476485.3", "state_dir": str(fleet.state_dir),
+            "url": f"http://127.0.0.1:{port}", "vm_root": str(fleet.vm_root),
+        }  # fmt: skip
+
+    def instance(port: int, version: str, deposed: str | None = None) -> dict[str, Any]:
+        item = {
+            "index_key": "web-test-b1-0",
+            "schema_version": schema_version,
+            "attributes": attributes(port, version),
+            "sensitive_attributes": [],
+            "create_before_destroy": True,
+        }
+        return {**item, "deposed": deposed} if deposed else item
+
+    return {
+        "version": 4,
+        "terraform_version": "1.15.5",
+        "serial": 3,
+        "lineage": "0f4c1b1e-8d0a-4c5e-9d36-1f5a3b0c7e21",
+        "outputs": {},
+        "resources": [
+            {
+                "mode": "managed",
+                "type": "pipeline_instance",
+                "name": "fleet",
+                "provider": 'provider["registry.terraform.io/local/pipeline"]',
+                "instances": [instance(40001, "2.0.0"), instance(40003, "1.0.0", "1a2b3c4d")],
+            }
+        ],
+        "check_results": None,
+    }
+
+
+def test_the_state_file_reads_as_terraform_shows_it(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    """Rollouts read the state from the file after every step; `terraform show -json` is what
+    it must agree with, a deposed object included."""
+    fleet = make_fleet(tmp_path, state_dir)
+    state = fleet.tf.workdir / tfmod.STATE_FILE_NAME
+    state.write_text(json.dumps(state_with(fleet, fake_image)), encoding="utf-8")
+
+    from_file = tfmod.read_state_file(state)
+    shown = fleet.tf._run(["show", "-json", "-no-color"], what="terraform show")
+    values = tfmod._json_object(shown)["values"]["root_module"]["resources"]
+
+    assert from_file is not None
+    key = operator.itemgetter("address", "deposed")
+    assert sorted(from_file, key=lambda i: str(key(i))) == sorted(
+        (
+            {**r["values"], "address": r["address"], "index": r["index"],
+             "deposed": r.get("deposed_key")}
+            for r in values
+        ),
+        key=lambda i: str(key(i)),
+    )  # fmt: skip
+    assert [(i["http_port"], i["deposed"]) for i in from_file] == [
+        (40001, None),
+        (40003, "1a2b3c4d"),
+    ]
+    assert fleet.tf.state_instances() == from_file
+
+
+def test_a_state_file_of_another_schema_or_half_written_goes_through_terraform(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+    state = fleet.tf.workdir / tfmod.STATE_FILE_NAME
+    text = json.dumps(state_with(fleet, fake_image, schema_version=0))
+    state.write_text(text, encoding="utf-8")
+    assert tfmod.read_state_file(state) is None
+
+    state.write_text(json.dumps(state_with(fleet, fake_image))[:-40], encoding="utf-8")
+    assert tfmod.read_state_file(state) is None
+    with pytest.raises(ToolError, match="terraform show"):
+        fleet.tf.state_instances()  # Terraform refuses a broken state file too
+
+
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary installed")
 def test_a_terraform_binary_plans_the_same_fleet(
     tmp_path: Path, fake_image: BaseImage, state_dir: Path
@@ -355,7 +445,8 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
 
     # Version A: one healthy instance.
     started = time.monotonic()
-    outputs = tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
+    tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
+    outputs = tf.outputs()
     first_apply = time.monotonic() - started
     [old] = outputs["instances"]
     assert short(old["name"]) == "web-test-a1-0"
@@ -393,7 +484,8 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
         ("create", "web-test-b2-0"),
     ]
     started = time.monotonic()
-    outputs = tf.apply(plan)
+    tf.apply(plan)
+    outputs = tf.outputs()
     replace_seconds = time.monotonic() - started
     assert sorted(i["version"] for i in outputs["instances"]) == ["1.0.0", "2.0.0"]
     assert qemu.is_running(old_record)
@@ -404,7 +496,8 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
         ("delete", "web-test-a1-0"),
         ("no-op", "web-test-b2-0"),
     ]
-    outputs = tf.apply(plan)
+    tf.apply(plan)
+    outputs = tf.outputs()
     [new] = outputs["instances"]
     assert new["version"] == "2.0.0"
     assert http_status(new["url"]) == 200
@@ -424,7 +517,8 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
     assert [(c.action, short(c.name)) for c in plan.changes if c.action != "no-op"] == [
         ("create", "web-test-b2-0")
     ]
-    outputs = tf.apply(plan)
+    tf.apply(plan)
+    outputs = tf.outputs()
     [back] = qemu.list_vms(vm_fleet.vm_root)
     assert back.pid != victim.pid
     assert qemu.is_running(back)

@@ -32,6 +32,17 @@ PLAN_FILE_NAME = "pipeline.tfplan"
 PROVIDER_LOG_NAME = "provider.log"
 LOCK_TIMEOUT = "120s"
 EMBEDDED = "embedded"
+STATE_FILE_NAME = "terraform.tfstate"
+# The state file's format (version 4 since Terraform 0.12, OpenTofu's too) and the schema
+# version of `pipeline_instance` (the provider declares it from here): a state in exactly these
+# is read from the file; any other goes through `terraform show -json`.
+STATE_FORMAT = 4
+INSTANCE_SCHEMA_VERSION = 1
+# The instances an apply deletes before it creates any (a JSON list, read by the provider).
+DELETES_FIRST_ENV = "PIPELINE_DELETES_FIRST"
+# Terraform's default; an apply that changes more runs them all at once, so that no create
+# waiting for a delete to go first holds a slot the delete needs.
+PARALLELISM = 10
 
 
 @dataclass(frozen=True)
@@ -116,10 +127,20 @@ class Terraform:
         self._run(argv, what="terraform plan")
         return self._show_plan(path)
 
-    def apply(self, plan: Plan) -> dict[str, Any]:
-        """Apply a saved plan exactly as planned; return the configuration's outputs."""
-        self._run(["apply", *self._common(vars=False), str(plan.path)], what="terraform apply")
-        return self.outputs()
+    def apply(self, plan: Plan) -> None:
+        """Apply a saved plan exactly as planned.
+
+        Where it both deletes and creates instances, the deletes go first: the provider holds
+        each create until they are done (the leaving instances make room for the new ones).
+        """
+        deletes = [c.name for c in plan.by_action("delete") if c.type == "pipeline_instance"]
+        creates = plan.by_action("create") + plan.by_action("replace")
+        extra = {}
+        if deletes and creates:
+            extra[DELETES_FIRST_ENV] = json.dumps(sorted(str(name) for name in deletes))
+        parallelism = max(PARALLELISM, len(plan.changes))
+        argv = ["apply", *self._common(vars=False), f"-parallelism={parallelism}", str(plan.path)]
+        self._run(argv, what="terraform apply", extra_env=extra)
 
     def destroy(self, vars: Mapping[str, Any]) -> None:
         """Destroy every instance of the environment."""
@@ -137,9 +158,18 @@ class Terraform:
 
         A deposed object (an old instance whose delete failed after its replacement came up)
         is included with `deposed` set to its key, so that a caller can see it is still there.
+
+        The state file is read directly when it is in the format and schema this adapter knows
+        (a rollout reads it after every step, and `show -json` starts Terraform and the provider
+        for it); any other state, or one being written at that moment, goes through
+        `terraform show -json`, which upgrades what it must.
         """
-        if not (self.workdir / "terraform.tfstate").exists():
+        path = self.workdir / STATE_FILE_NAME
+        if not path.exists():
             return []
+        found = read_state_file(path)
+        if found is not None:
+            return found
         done = self._run(["show", "-json", "-no-color"], what="terraform show (state)")
         data = _json_object(done)
         module = data.get("values", {}).get("root_module", {})
@@ -199,10 +229,45 @@ class Terraform:
         }
         return Plan(path=path, changes=changes, drift=drift, outputs=outputs)
 
-    def _run(self, args: Sequence[str], *, what: str) -> Completed:
+    def _run(
+        self, args: Sequence[str], *, what: str, extra_env: Mapping[str, str] | None = None
+    ) -> Completed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"terraform-{next(self._counter):02d}-{args[0]}.log"
-        return run([*self.command, *args], what=what, log=log, cwd=self.workdir, env=self.env())
+        env = {**self.env(), **(extra_env or {})}
+        return run([*self.command, *args], what=what, log=log, cwd=self.workdir, env=env)
+
+
+def read_state_file(path: Path) -> list[dict[str, Any]] | None:
+    """The `pipeline_instance` objects of a state file, as `state_instances` gives them, or
+    None when the file is not one this adapter reads itself (another format or schema version,
+    a module, or a file caught half-written)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != STATE_FORMAT:
+        return None
+    instances: list[dict[str, Any]] = []
+    for resource in data.get("resources") or []:
+        if resource.get("type") != "pipeline_instance" or resource.get("mode") != "managed":
+            continue
+        if "module" in resource:
+            return None
+        for item in resource.get("instances") or []:
+            attributes = item.get("attributes")
+            if item.get("schema_version") != INSTANCE_SCHEMA_VERSION or not isinstance(
+                attributes, dict
+            ):
+                return None
+            key = item.get("index_key")
+            address = f"pipeline_instance.{resource.get('name')}"
+            if key is not None:
+                address += f"[{json.dumps(key)}]"
+            instances.append(
+                {**attributes, "address": address, "index": key, "deposed": item.get("deposed")}
+            )
+    return instances
 
 
 def command_for(binary: str | None) -> list[str]:

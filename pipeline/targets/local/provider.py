@@ -18,6 +18,8 @@ immutable, a rollout always replaces them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
@@ -45,6 +47,7 @@ from tf.utils import Diagnostics
 
 from pipeline.errors import UsageError
 from pipeline.targets.local import qemu
+from pipeline.tools.terraform import DELETES_FIRST_ENV, INSTANCE_SCHEMA_VERSION
 
 log = logging.getLogger("pipeline.provider")
 
@@ -72,6 +75,13 @@ _stopping = threading.Event()
 # stop, since Terraform will not record them.
 _inflight: dict[str, qemu.VmRecord] = {}
 _inflight_lock = threading.Lock()
+# Instances an apply deletes before it boots anything (named by the pipeline in
+# DELETES_FIRST_ENV): Terraform runs the deletes and creates of one apply side by side, and the
+# leaving instances must make room first, or the fleet would briefly hold more than max_surge
+# extra. Each create waits until these deletes have returned (they take well under a second).
+_deletes_first: set[str] = set()
+_deletes_done = threading.Condition()
+DELETES_FIRST_WAIT = 60.0
 
 
 def _replace(name: str, kind: Any, *, required: bool = False) -> Attribute:
@@ -95,7 +105,7 @@ class Instance(Resource):
     @classmethod
     def get_schema(cls) -> Schema:
         return Schema(
-            version=1,
+            version=INSTANCE_SCHEMA_VERSION,
             attributes=[
                 _replace("name", String(), required=True),
                 _replace("image", String(), required=True),
@@ -138,6 +148,16 @@ class Instance(Resource):
         """Boot the VM and wait until it is healthy; on any failure stop it and report why."""
         name = planned["name"]
         spec = {key: _value(planned, key) for key in DEFAULTS}
+        if not _wait_for_deletes(name):
+            ctx.diagnostics.add_error(
+                f"{name}: not booted",
+                f"the instances leaving before it ({', '.join(sorted(_deletes_first))}) were not"
+                f" deleted within {DELETES_FIRST_WAIT:.0f} s",
+            )
+            return None
+        if _stopping.is_set():
+            ctx.diagnostics.add_error(f"{name}: not booted", "Terraform was interrupted")
+            return None
         log.info(
             "create %s: booting %s (version %s)", name, planned["image"], planned["image_version"]
         )
@@ -215,6 +235,7 @@ class Instance(Resource):
         record = _find(current)
         if record is None:
             log.info("delete %s: no record left, nothing to stop", name)
+            _deleted(name)
             return None
         log.info("delete %s: stopping pid %s", name, record.pid)
         try:
@@ -223,6 +244,8 @@ class Instance(Resource):
             log.exception("delete %s: stop failed", name)
             ctx.diagnostics.add_error(f"{name}: the VM could not be stopped", str(exc))
             return None
+        finally:
+            _deleted(name)
         log.info("delete %s: stopped", name)
         return None
 
@@ -310,6 +333,23 @@ def _plain(line: str) -> str:
     return ANSI_ESCAPE.sub("", line)
 
 
+def _wait_for_deletes(name: str) -> bool:
+    """Wait until this apply's deletes that go first have returned; False if they never do."""
+    with _deletes_done:
+        if _deletes_first:
+            leaving = ", ".join(sorted(_deletes_first))
+            log.info("create %s: waiting for %s to go first", name, leaving)
+        return _deletes_done.wait_for(
+            lambda: not _deletes_first or _stopping.is_set(), timeout=DELETES_FIRST_WAIT
+        )
+
+
+def _deleted(name: str) -> None:
+    with _deletes_done:
+        _deletes_first.discard(name)
+        _deletes_done.notify_all()
+
+
 def _stop_quietly(record: qemu.VmRecord) -> None:
     try:
         qemu.stop(record, remove=True)
@@ -357,6 +397,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     log.info("provider starting (python %s)", sys.executable)
+    with contextlib.suppress(ValueError):
+        _deletes_first.update(json.loads(os.environ.get(DELETES_FIRST_ENV) or "[]"))
     try:
         runner.run_provider(PipelineProvider(), sys.argv)
     finally:
