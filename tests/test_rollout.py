@@ -82,6 +82,9 @@ class RecordingFleet:
         self.min_served: int | None = None
         self.created: list[str] = []
         self.destroyed: list[str] = []
+        # The members a plan was made for ahead of time, and how often a converge used it.
+        self.prepared: dict[str, Member] | None = None
+        self.prepares = self.prepared_hits = 0
 
     def start(self, version: Version, size: int) -> None:
         for member in self.new_members(version, size):
@@ -108,9 +111,16 @@ class RecordingFleet:
     def running(self, name: str) -> bool:
         return name in self.members
 
+    def prepare(self, members: dict[str, Member]) -> None:
+        self.prepares += 1
+        self.prepared = dict(members)
+
     def converge(self, members: dict[str, Member]) -> None:
         going = set(self.members) - set(members)
         assert not going & self.door.served, f"destroyed while serving: {going & self.door.served}"
+        if self.prepared is not None:
+            self.prepared_hits += self.prepared == members
+        self.prepared = None
         self.steps.append(("converge", tuple(sorted(members))))
         self.created += [n for n in members if n not in self.members]
         self.destroyed += sorted(going)
@@ -184,6 +194,8 @@ def test_rolling_keeps_its_promises_for_any_size_and_limits(
     assert fleet.max_members <= size + surge
     assert fleet.min_served is not None
     assert fleet.min_served >= size - min(unavailable, size)
+    # Each plan made ahead during a gate is the one the next apply needed.
+    assert fleet.prepares == fleet.prepared_hits
 
 
 def test_waves_of_surge_2_on_4_instances_add_two_serve_them_then_retire_two() -> None:
@@ -196,12 +208,19 @@ def test_waves_of_surge_2_on_4_instances_add_two_serve_them_then_retire_two() ->
     assert moves.waves == 2
     kinds = [kind for kind, _ in fleet.steps]
     # serve (start) | converge+gate (2 new) serve, serve(old out) drain converge | again | serve
+    # The first wave's two old members are destroyed by the second wave's apply, which
+    # the provider runs deletes first; each apply after the first was planned during a gate.
     assert kinds == [
         "serve",
-        "converge", "gate", "serve", "serve", "drain", "converge",
-        "converge", "gate", "serve", "serve", "drain", "converge",
+        "converge", "gate", "serve", "serve", "drain",
+        "converge", "gate", "serve", "serve", "drain",
+        "converge",
         "serve",
     ]  # fmt: skip
+    converges = [names for kind, names in fleet.steps if kind == "converge"]
+    assert [sum(n.startswith("web-dev-b1") for n in names) for names in converges] == [4, 2, 0]
+    assert [len(names) for names in converges] == [6, 6, 4]
+    assert fleet.prepared_hits == 2
     assert fleet.max_members == 6
     assert fleet.min_served == 4
 

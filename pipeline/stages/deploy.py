@@ -106,6 +106,9 @@ def deploy(
     except BaseException as exc:
         record.finish(entry, "failed", str(exc) or type(exc).__name__)
         raise
+    finally:
+        # A plan made ahead for a step that did not come is waited for, never left running.
+        fleet.settle()
     if not moves.created and not fleet.destroyed:
         log.info("fleet already on %s: %d instance(s), nothing to change", version.label, size)
     record.finish(entry, "done")

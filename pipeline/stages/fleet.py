@@ -14,10 +14,12 @@ so that every step of a rollout is a plan and an apply of its own:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -136,6 +138,9 @@ class Fleet:
         self.created: list[str] = []
         self.destroyed: list[str] = []
         self.passed: set[str] = set()  # members that passed the health gate in this run
+        # A plan being made in the background (`prepare`), then made, for the next converge.
+        self._ahead: tuple[dict[str, Any], threading.Thread, dict[str, Plan]] | None = None
+        self._prepared: tuple[dict[str, Any], Plan] | None = None
 
     @functools.cached_property
     def door(self) -> FrontDoor:
@@ -195,10 +200,11 @@ class Fleet:
     # -- changing ----------------------------------------------------------------------------
 
     def render(self) -> None:
-        """Write the environment's Terraform configuration; check it with a plan of what is.
+        """Write the environment's Terraform configuration; check a changed one with a plan.
 
-        A configuration Terraform rejects does not stay in place: the previous one comes back.
-        Returns after the plan, whose drift (members whose VM is gone) is logged.
+        A configuration Terraform rejects does not stay in place: the previous one comes back
+        (or none, if there was none), so the file on disk is always one a plan accepted and an
+        unchanged one needs no new check: its first plan in a rollout is the first change's.
         """
         main_tf = self.configuration()
         self.tf.workdir.mkdir(parents=True, exist_ok=True)
@@ -207,26 +213,57 @@ class Fleet:
         _write_if_changed(main_path, main_tf)
         try:
             self.refresh()
-            self._write_moves()
-            self.refresh()
-            plan = self.tf.plan(self.variables(self.members))
+            if self._write_moves():
+                self.refresh()
+            if main_tf != previous:
+                self.tf.plan(self.variables(self.members))
         except BaseException:
             if previous is not None:
                 _write_if_changed(main_path, previous)
+            else:
+                main_path.unlink(missing_ok=True)
             raise
-        for change in plan.drift:
-            if change.type == "pipeline_instance" and (
-                change.action == "delete" or not change.after
-            ):
-                self.log.warning("drift: %s is gone", change.name)
 
     def configuration(self) -> str:
         """The environment's Terraform configuration, rendered from its template."""
         return configuration(self.config, self.environment)
 
+    def prepare(self, members: dict[str, Member]) -> None:
+        """Plan the next step in the background, while a gate runs and the front door changes:
+        a `converge` to exactly these members then applies that plan instead of planning.
+
+        Nothing else runs Terraform in between (gates, the front door and draining do not),
+        so the state the plan was made against is the one it is applied to.
+        """
+        self.settle()
+        variables = self.variables(members)
+        outcome: dict[str, Plan] = {}
+
+        def plan() -> None:
+            # A failed plan is planned again by converge, which reports the failure then.
+            with contextlib.suppress(Exception):
+                outcome["plan"] = self.tf.plan(variables)
+
+        thread = threading.Thread(target=plan, name="terraform-plan-ahead")
+        thread.start()
+        self._ahead = (variables, thread, outcome)
+
+    def settle(self) -> Plan | None:
+        """Wait for the plan `prepare` started, if any; it is used by the next converge only."""
+        if self._ahead is None:
+            return None
+        variables, thread, outcome = self._ahead
+        self._ahead = None
+        thread.join()
+        self._prepared = (variables, outcome["plan"]) if "plan" in outcome else None
+        return self._prepared[1] if self._prepared else None
+
     def converge(self, members: dict[str, Member]) -> Plan:
         """Make Terraform hold exactly `members`: create what is new, destroy what is not."""
-        plan = self.tf.plan(self.variables(members))
+        variables = self.variables(members)
+        self.settle()
+        prepared, self._prepared = self._prepared, None
+        plan = prepared[1] if prepared and prepared[0] == variables else self.tf.plan(variables)
         for change in plan.changes:
             if change.type != "pipeline_instance" or change.action == "no-op":
                 continue
@@ -330,16 +367,18 @@ class Fleet:
             "state_dir": str(self.config.state_dir),
         }
 
-    def _write_moves(self) -> None:
-        """Move instances a count-based configuration recorded (fleet[0]) to their names."""
+    def _write_moves(self) -> bool:
+        """Move instances a count-based configuration recorded (fleet[0]) to their names;
+        whether there were any."""
         moves = moved_blocks(list(self.state.values()))
         path = self.tf.workdir / MOVED_FILE
         if moves:
             write_text_atomic(path, moves)
             self.log.info("moving %d instance(s) in Terraform's state to keys by name", len(moves))
             self.tf.apply(self.tf.plan(self.variables(self.members)))
-        elif path.exists():
-            path.unlink()
+            return True
+        path.unlink(missing_ok=True)
+        return False
 
     def _smoke(self, names: list[str]) -> None:
         from pipeline.tools import playbook

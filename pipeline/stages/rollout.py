@@ -54,33 +54,61 @@ def waves(need: int, old: int, surge: int, unavailable: int) -> list[tuple[int, 
 
 
 def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> None:
-    """Replace the fleet in waves of at most `max_surge` extra and `max_unavailable` fewer."""
+    """Replace the fleet in waves of at most `max_surge` extra and `max_unavailable` fewer.
+
+    The old members a wave replaces leave the front door once its new ones serve, finish their
+    requests, and are destroyed by the next wave's apply, before its new members boot (or by
+    the last apply). Each apply after the first is planned while the previous gate runs.
+    """
     rollout = fleet.environment.rollout
     keep, broken, old = sort_members(fleet, version, size)
     _retire_broken(fleet, broken)
     keep, old = _confirm_unserved(fleet, keep, old)
     need = size - len(keep)
     fleet.serve(keep + old)
-    for early_count, count, late_count in waves(
-        need, len(old), rollout.surge(size), rollout.unavailable(size)
+    planned = waves(need, len(old), rollout.surge(size), rollout.unavailable(size))
+    # Every wave's new members, named at once (the lowest indices no member uses).
+    created = fleet.new_members(version, need)
+    batches = [
+        created[sum(c for _, c, _ in planned[:i]) :][:count]
+        for i, (_, count, _) in enumerate(planned)
+    ]
+    going: list[str] = []  # out of the front door and drained: the next apply destroys them
+    for number, ((early_count, count, late_count), new) in enumerate(
+        zip(planned, batches, strict=True), 1
     ):
         moves.waves += 1
         early, old = old[:early_count], old[early_count:]
         if early:
-            fleet.log.info("wave %d: %d old instance(s) leave first", moves.waves, len(early))
-            _retire(fleet, early, moves)
-        new = fleet.new_members(version, count)
+            fleet.log.info("wave %d: %d old instance(s) leave first", number, len(early))
+            going += _leave(fleet, early, moves)
+            fleet.converge(_without(fleet, going))
+            going = []
         fleet.log.info(
-            "wave %d: %d new instance(s) on %s, %d to go", moves.waves, count, version.version, need
+            "wave %d: %d new instance(s) on %s, %d to go", number, count, version.version, need
         )
-        _add(fleet, new, moves)
-        keep += [m.name for m in new]
-        fleet.serve(keep + old)
         late, old = old[:late_count], old[late_count:]
-        _retire(fleet, late, moves)
+        wanted = {**_without(fleet, going), **{m.name: m for m in new}}
+        going = []
+        # What follows this wave's gate: the next wave's apply (or the last one).
+        after = _without(fleet, late, wanted)
+        if number < len(planned):
+            next_early, _, _ = planned[number]
+            if next_early:
+                after = _without(fleet, old[:next_early], after)
+            else:
+                after |= {m.name: m for m in batches[number]}
+        else:
+            after = _without(fleet, old, after)
+        _add(fleet, new, moves, wanted=wanted, then=after)
+        keep += [m.name for m in new]
+        fleet.serve(keep + old + late)
+        going += _leave(fleet, late, moves)
         need -= count
     # Extra members (a smaller fleet, or more than its size on the version) leave last.
-    _retire(fleet, old, moves)
+    going += _leave(fleet, old, moves)
+    if going:
+        fleet.converge(_without(fleet, going))
     fleet.serve(keep)
 
 
@@ -102,13 +130,19 @@ def blue_green(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> 
     fleet.serve(old)
     new = fleet.new_members(version, size - len(keep))
     fleet.log.info("green fleet: %d new instance(s) on %s", len(new), version.version)
-    _add(fleet, new, moves)
+    keep_old = fleet.environment.rollout.keep_old
+    wanted = {**fleet.members, **{m.name: m for m in new}}
+    _add(fleet, new, moves, wanted=wanted, then=None if keep_old else _without(fleet, old, wanted))
     fleet.serve(keep + [m.name for m in new])
     fleet.log.info("front door switched to the green fleet (%d instance(s))", size)
-    if fleet.environment.rollout.keep_old and old:
-        fleet.door.drain()
+    if not old:
+        return []
+    # The old fleet's last requests finish before it is kept aside or destroyed.
+    fleet.door.drain()
+    if keep_old:
         return old
-    _retire(fleet, old, moves)
+    moves.retired += [fleet.members[n] for n in old if n in fleet.members]
+    fleet.converge(_without(fleet, old))
     return []
 
 
@@ -190,19 +224,49 @@ def _retire_broken(fleet: Fleet, dead: list[Member]) -> None:
         fleet.retire(m.name for m in dead)
 
 
-def _add(fleet: Fleet, new: list[Member], moves: Moves) -> None:
-    """Create new members and put them through the gate; any failure is a GateFailed."""
+def _add(
+    fleet: Fleet,
+    new: list[Member],
+    moves: Moves,
+    *,
+    wanted: dict[str, Member] | None = None,
+    then: dict[str, Member] | None = None,
+) -> None:
+    """Create new members and put them through the gate; any failure is a GateFailed.
+
+    `wanted`: the members Terraform holds after this step (default: all, plus the new ones);
+    `then`: those of the step after the gate, planned while the gate runs.
+    """
     moves.created += new
     try:
-        fleet.converge({**fleet.members, **{m.name: m for m in new}})
+        fleet.converge(
+            wanted if wanted is not None else {**fleet.members, **{m.name: m for m in new}}
+        )
     except (ToolError, DeployFailed) as exc:
         raise GateFailed(f"new instances did not come up: {exc}") from exc
+    if then is not None and then != fleet.members:
+        fleet.prepare(then)
     fleet.gate([m.name for m in new])
 
 
-def _retire(fleet: Fleet, names: list[str], moves: Moves) -> None:
-    moves.retired += [fleet.members[n] for n in names if n in fleet.members]
-    fleet.retire(names)
+def _leave(fleet: Fleet, names: list[str], moves: Moves) -> list[str]:
+    """Members out of the front door, their requests finished; returns them, to destroy."""
+    going = [n for n in names if n in fleet.members]
+    moves.retired += [fleet.members[n] for n in going]
+    serving = fleet.serving()
+    if serving & set(going):
+        fleet.serve(serving - set(going))
+        fleet.door.drain()
+    return going
+
+
+def _without(
+    fleet: Fleet, names: list[str], members: dict[str, Member] | None = None
+) -> dict[str, Member]:
+    """The members (default: the fleet's), but these."""
+    return {
+        n: m for n, m in (fleet.members if members is None else members).items() if n not in names
+    }
 
 
 def _index_order(name: str) -> tuple[str, int]:
