@@ -197,6 +197,8 @@ def heal(
         )
         return {**_summary(config, environment, fleet, registry), "replaced": []}
     dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
+    for member in dead:
+        log.warning("drift: %s (%s): its VM is not running", member.name, member.version)
     failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
     healthy = [n for n in fleet.members if fleet.healthy(n)]
     fleet.serve(healthy)
