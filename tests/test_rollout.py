@@ -153,14 +153,17 @@ class RecordingFleet:
     def serving(self) -> set[str]:
         return set(self.door.servers())
 
-    def retire(self, names: Any) -> None:
-        going = set(names) & set(self.members)
-        if not going:
-            return
-        if going & self.door.served:
-            self.serve(self.door.served - going)
+    def leave(self, names: Any) -> list[str]:
+        going = [n for n in names if n in self.members]
+        if set(going) & self.door.served:
+            self.serve(self.door.served - set(going))
             self.door.drain()
-        self.converge({n: m for n, m in self.members.items() if n not in going})
+        return going
+
+    def retire(self, names: Any) -> None:
+        going = self.leave(names)
+        if going:
+            self.converge({n: m for n, m in self.members.items() if n not in going})
 
 
 OLD = Version("1.0.0", "b1")

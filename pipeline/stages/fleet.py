@@ -5,11 +5,14 @@ decides which members exist (the `instances` variable) and changes that set one 
 so that every step of a rollout is a plan and an apply of its own:
 
 - `converge(members)`: plan and apply exactly these members (new ones boot and answer before
-  Terraform records them; missing ones are destroyed);
+  Terraform records them; missing ones are destroyed, before any new one boots); the plan may
+  have been made ahead by `prepare(members)` while a gate ran;
 - `gate(names)`: the health gate, the pipeline's own check of new members (expected status,
   consecutive passes) and the smoke playbook, before they take traffic;
 - `serve(names)`: the front door sends traffic to exactly these members (one seamless reload);
-- `retire(names)`: out of the front door, in-flight requests drained, then destroyed.
+- `leave(names)`: out of the front door, in-flight requests drained (a rollout destroys them
+  with its next converge);
+- `retire(names)`: leave, then destroyed.
 """
 
 from __future__ import annotations
@@ -138,9 +141,9 @@ class Fleet:
         self.created: list[str] = []
         self.destroyed: list[str] = []
         self.passed: set[str] = set()  # members that passed the health gate in this run
-        # A plan being made in the background (`prepare`), then made, for the next converge.
+        # A plan made in the background (`prepare`) for the next converge: its variables, the
+        # thread making it and where the thread puts it.
         self._ahead: tuple[dict[str, Any], threading.Thread, dict[str, Plan]] | None = None
-        self._prepared: tuple[dict[str, Any], Plan] | None = None
 
     @functools.cached_property
     def door(self) -> FrontDoor:
@@ -248,22 +251,21 @@ class Fleet:
         thread.start()
         self._ahead = (variables, thread, outcome)
 
-    def settle(self) -> Plan | None:
-        """Wait for the plan `prepare` started, if any; it is used by the next converge only."""
+    def settle(self) -> tuple[dict[str, Any], Plan] | None:
+        """Wait for the plan `prepare` started, if any, and hand it over once: its variables
+        and the plan (None if there is none, or it failed)."""
         if self._ahead is None:
             return None
         variables, thread, outcome = self._ahead
         self._ahead = None
         thread.join()
-        self._prepared = (variables, outcome["plan"]) if "plan" in outcome else None
-        return self._prepared[1] if self._prepared else None
+        return (variables, outcome["plan"]) if "plan" in outcome else None
 
     def converge(self, members: dict[str, Member]) -> Plan:
         """Make Terraform hold exactly `members`: create what is new, destroy what is not."""
         variables = self.variables(members)
-        self.settle()
-        prepared, self._prepared = self._prepared, None
-        plan = prepared[1] if prepared and prepared[0] == variables else self.tf.plan(variables)
+        ahead = self.settle()
+        plan = ahead[1] if ahead and ahead[0] == variables else self.tf.plan(variables)
         for change in plan.changes:
             if change.type != "pipeline_instance" or change.action == "no-op":
                 continue
@@ -349,16 +351,21 @@ class Fleet:
         """The members the front door serves now (none if it does not run)."""
         return set(self.door.servers()) if self._door_running() else set()
 
+    def leave(self, names: Iterable[str]) -> list[str]:
+        """Take members out of the front door and let their requests finish; return those of
+        them the fleet has (the ones to destroy)."""
+        going = [n for n in names if n in self.members]
+        serving = self.serving()
+        if serving & set(going):
+            self.serve(serving - set(going))
+            self.door.drain()
+        return going
+
     def retire(self, names: Iterable[str]) -> None:
         """Take members out of the front door, let their requests finish, destroy them."""
-        going = set(names) & set(self.members)
-        if not going:
-            return
-        serving = self.serving()
-        if serving & going:
-            self.serve(serving - going)
-            self.door.drain()
-        self.converge({n: m for n, m in self.members.items() if n not in going})
+        going = self.leave(names)
+        if going:
+            self.converge({n: m for n, m in self.members.items() if n not in going})
 
     def variables(self, members: dict[str, Member]) -> dict[str, Any]:
         return {

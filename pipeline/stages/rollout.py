@@ -11,6 +11,7 @@ the `max_unavailable` the environment allows.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -68,11 +69,8 @@ def rolling(fleet: Fleet, version: ImageVersion, size: int, moves: Moves) -> Non
     fleet.serve(keep + old)
     planned = waves(need, len(old), rollout.surge(size), rollout.unavailable(size))
     # Every wave's new members, named at once (the lowest indices no member uses).
-    created = fleet.new_members(version, need)
-    batches = [
-        created[sum(c for _, c, _ in planned[:i]) :][:count]
-        for i, (_, count, _) in enumerate(planned)
-    ]
+    created = iter(fleet.new_members(version, need))
+    batches = [list(itertools.islice(created, count)) for _, count, _ in planned]
     going: list[str] = []  # out of the front door and drained: the next apply destroys them
     for number, ((early_count, count, late_count), new) in enumerate(
         zip(planned, batches, strict=True), 1
@@ -229,19 +227,17 @@ def _add(
     new: list[Member],
     moves: Moves,
     *,
-    wanted: dict[str, Member] | None = None,
-    then: dict[str, Member] | None = None,
+    wanted: dict[str, Member],
+    then: dict[str, Member] | None,
 ) -> None:
     """Create new members and put them through the gate; any failure is a GateFailed.
 
-    `wanted`: the members Terraform holds after this step (default: all, plus the new ones);
-    `then`: those of the step after the gate, planned while the gate runs.
+    `wanted`: the members Terraform holds after this step, the new ones among them; `then`:
+    those of the step after the gate, planned while the gate runs.
     """
     moves.created += new
     try:
-        fleet.converge(
-            wanted if wanted is not None else {**fleet.members, **{m.name: m for m in new}}
-        )
+        fleet.converge(wanted)
     except (ToolError, DeployFailed) as exc:
         raise GateFailed(f"new instances did not come up: {exc}") from exc
     if then is not None and then != fleet.members:
@@ -251,12 +247,8 @@ def _add(
 
 def _leave(fleet: Fleet, names: list[str], moves: Moves) -> list[str]:
     """Members out of the front door, their requests finished; returns them, to destroy."""
-    going = [n for n in names if n in fleet.members]
+    going = fleet.leave(names)
     moves.retired += [fleet.members[n] for n in going]
-    serving = fleet.serving()
-    if serving & set(going):
-        fleet.serve(serving - set(going))
-        fleet.door.drain()
     return going
 
 
