@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -28,7 +30,7 @@ def served() -> Iterator[tuple[ModuleType, int]]:
     module.Handler.config = {"message": "Hello", "port": 0}
     module.Handler.image = {"image": "web", "version": "1.0.0", "build_id": "b1"}
     module.Handler.log_message = lambda self, format, *args: None
-    server = module.ThreadingHTTPServer(("127.0.0.1", 0), module.Handler)
+    server = module.PooledHTTPServer(("127.0.0.1", 0), module.Handler, workers=2)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -64,3 +66,18 @@ def test_an_image_baked_in_maintenance_is_unhealthy(served: tuple[ModuleType, in
     module.Handler.config = {**module.Handler.config, "maintenance": True}
     assert get(port, "/healthz") == (503, "maintenance\n")
     assert get(port, "/")[0] == 200
+
+
+def test_a_client_that_sends_nothing_holds_one_worker(served: tuple[ModuleType, int]) -> None:
+    """Two workers: one waits on a silent connection, the other still serves everyone else."""
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10), ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: get(port, "/healthz"), range(40)))
+    assert answers == [(200, "ok\n")] * 40
+
+
+def test_a_silent_connection_is_closed_after_the_timeout(served: tuple[ModuleType, int]) -> None:
+    module, port = served
+    module.Handler.timeout = 0.2  # this test's own copy of the module
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        assert silent.recv(100) == b""  # the server gave up on it and closed it

@@ -6,15 +6,25 @@ An image baked with `maintenance` on serves its pages but reports itself unhealt
 
 Everything it says comes from files baked into the image, so any instance can be thrown away
 and replaced by another of the same version without anyone noticing.
+
+Connections are served by a fixed pool of threads. Starting a thread for each request, as
+ThreadingHTTPServer does, cost an emulated guest 5.7-6.1 ms of CPU per request against 3.0 ms
+for the pool (measured on 2026-12-05): during a rolling update the instances still serving
+took that CPU away from the ones booting.
 """
 
 import json
+import queue
 import socket
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
 IMAGE_RECORD = "/etc/pipeline-image.json"
+# Connections served at once. A client that sends nothing holds its thread for at most
+# Handler.timeout seconds; the front door's HAProxy only passes on complete requests.
+WORKERS = 16
 
 
 def load(path):
@@ -25,6 +35,7 @@ def load(path):
 class Handler(BaseHTTPRequestHandler):
     config: ClassVar[dict] = {}
     image: ClassVar[dict] = {}
+    timeout = 10  # seconds a connection may wait for its request
 
     def do_GET(self):
         if self.path == "/healthz":
@@ -57,10 +68,42 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 
+class PooledHTTPServer(HTTPServer):
+    """Accepts connections on one thread and serves them on WORKERS long-lived threads."""
+
+    def __init__(self, address, handler, workers=WORKERS):
+        super().__init__(address, handler)
+        self.connections = queue.SimpleQueue()
+        self.workers = workers
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def process_request(self, request, client_address):
+        self.connections.put((request, client_address))
+
+    def server_close(self):
+        super().server_close()
+        for _ in range(self.workers):
+            self.connections.put(None)
+
+    def work(self):
+        while True:
+            connection = self.connections.get()
+            if connection is None:
+                return
+            request, client_address = connection
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+
 def main():
     Handler.config = load(sys.argv[1])
     Handler.image = load(IMAGE_RECORD)
-    server = ThreadingHTTPServer(("0.0.0.0", Handler.config["port"]), Handler)
+    server = PooledHTTPServer(("0.0.0.0", Handler.config["port"]), Handler)
     server.serve_forever()
 
 
