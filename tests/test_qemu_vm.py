@@ -97,6 +97,25 @@ def test_record_round_trips_through_json(tmp_path: Path) -> None:
     assert qemu.VmRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
 
 
+def test_the_cli_takes_the_kernel_command_line_from_a_base_or_a_baked_manifest(
+    tmp_path: Path,
+) -> None:
+    base, baked, other = (tmp_path / name for name in ("base", "baked", "other"))
+    for folder, manifest in (
+        (base, {"append": "root=/dev/vda base"}),
+        (baked, {"boot": {"append": "root=/dev/vda baked", "kernel": "vmlinuz"}}),
+        (other, {"boot": {"kernel": "vmlinuz"}}),
+    ):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert qemu.manifest_append(base) == "root=/dev/vda base"
+    assert qemu.manifest_append(baked) == "root=/dev/vda baked"
+    with pytest.raises(UsageError, match=r"other/manifest.json names no kernel command line"):
+        qemu.manifest_append(other)
+    with pytest.raises(UsageError, match=r"no .*/missing/manifest.json to take it from"):
+        qemu.manifest_append(tmp_path / "missing")
+
+
 def test_list_vms_of_a_missing_folder_is_empty(tmp_path: Path) -> None:
     assert qemu.list_vms(tmp_path / "nothing") == []
 

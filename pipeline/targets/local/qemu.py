@@ -489,16 +489,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def manifest_append(folder: Path) -> str:
+    """The kernel command line that `folder/manifest.json` gives: a base image's names it at
+    the top, a baked image's under "boot"."""
+    manifest = folder / "manifest.json"
+    try:
+        found = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--append not given and no {manifest} to take it from") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--append not given and {manifest} cannot be read: {exc}") from None
+    boot = found.get("boot") if isinstance(found, dict) else None
+    append = found.get("append") or (boot.get("append") if isinstance(boot, dict) else None)
+    if not isinstance(append, str) or not append.strip():
+        raise UsageError(f"--append not given and {manifest} names no kernel command line")
+    return append
+
+
 def _cli_boot(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.targets.local.baseimage import ssh_key
 
     beside = args.image.resolve().parent
-    append = args.append
-    if append is None:
-        manifest = beside / "manifest.json"
-        if not manifest.exists():
-            raise UsageError(f"--append not given and no {manifest} to take it from")
-        append = json.loads(manifest.read_text())["append"]
+    append = args.append if args.append is not None else manifest_append(beside)
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     record = boot(
         args.name,
