@@ -37,6 +37,14 @@ RISKY_PIPE_TASK = """
   changed_when: false
 """
 
+# A task whose module does not exist: only Ansible's own parser knows the modules.
+MISSPELT_MODULE_TASK = """
+- name: Install the page
+  ansible.builtin.copyy:
+    content: hello
+    dest: /var/tmp/page
+"""
+
 # The example template, with one line taken out to put a broken one in its place.
 TEMPLATE = "templates/packer/local.pkr.hcl.j2"
 TIMEOUT_LINE = "  ssh_timeout          = {{ ssh_timeout | hcl }}\n"
@@ -395,6 +403,17 @@ CASES = [
             "# noqa: risky-shell-pipe",
         ),
         append={"roles/webservice/tasks/main.yml": RISKY_PIPE_TASK},
+    ),
+    Bad(
+        "role-task-with-a-module-that-does-not-exist",
+        PLAN,
+        3,
+        (
+            "{project}/roles/webservice/tasks/main.yml:37: the roles do not parse",
+            "couldn't resolve module/action 'ansible.builtin.copyy'",
+        ),
+        append={"roles/webservice/tasks/main.yml": MISSPELT_MODULE_TASK},
+        state="registry",
     ),
     Bad(
         "role-shell-pipe-without-pipefail-at-bake",

@@ -631,6 +631,23 @@ def test_a_failing_role_bakes_nothing_and_leaves_nothing_running(project: Projec
     assert project.vm_processes() == []
     assert project.processes("packer") == []
 
+    # A module that does not exist is found by Ansible's parser before a version is spent.
+    (failing / "main.yml").write_text(MISSPELT_MODULE_TASK)
+    done = project.pipeline("bake", "broken", check=False)
+    assert done.returncode == 3, done.stderr
+    assert f"{failing / 'main.yml'}:2: the roles do not parse" in done.stderr
+    listed = json.loads(project.pipeline("images", "list", "broken", "--json").stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [("0.1.0", "failed")]
+    assert project.vm_processes() == []
+
+
+MISSPELT_MODULE_TASK = """\
+---
+- name: Install the page
+  ansible.builtin.copyy:
+    content: hello
+    dest: /var/tmp/page
+"""
 
 SLEEPING_ROLE = """\
 ---

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from pipeline.registry import ImageVersion, Registry
 from pipeline.runs import Run, write_json_atomic
 from pipeline.semver import sort_key
 from pipeline.targets.local import accel, baseimage, qemu
+from pipeline.tools import process
 from pipeline.tools.ansible_output import current_task, failed_tasks, output_of
 from pipeline.tools.versions import binary_version, python_package_version
 
@@ -136,6 +139,62 @@ def check_inputs(config: Config, image: ImageConfig) -> list[str]:
     return roles
 
 
+# Where ansible-playbook places the first error: 2.19 says "Origin: PATH:LINE:COLUMN", earlier
+# versions "The error appears to be in 'PATH': line LINE".
+_ERROR_ORIGIN = (
+    re.compile(r"^Origin: (?P<path>/.+?):(?P<line>\d+)(?::\d+)?$", re.MULTILINE),
+    re.compile(r"The error appears to be in '(?P<path>[^']+)': line (?P<line>\d+)"),
+)
+_ERROR_LINE = re.compile(r"^(?:\[ERROR\]: |ERROR! )(?P<message>.+)$", re.MULTILINE)
+SYNTAX_CHECK_TIMEOUT = 300
+
+
+def syntax_check(config: Config, image: ImageConfig) -> None:
+    """Parse the play a bake runs, as ansible-playbook does, without running it.
+
+    A task naming a module that does not exist, or a role file whose YAML does not parse, is
+    found here in about a second, before a version number is spent and before Packer boots a
+    VM to find it. Takes the roles' variables, secret ones as stand-ins: parsing needs names,
+    never a secret's value. Raises ConfigError naming the file and line Ansible names.
+    """
+    variables = {
+        **role_vars(image, image.version, "check"),
+        **{name: "(secret)" for name in image.secret_vars},
+    }
+    env = dict(item.split("=", 1) for item in _ansible_env(config))
+    with tempfile.TemporaryDirectory(prefix="pipeline-syntax-") as folder:
+        playbook = Path(folder) / "bake.yml"
+        play = _bake_playbook(image, Path(folder) / "packages.tsv")
+        playbook.write_text(yaml.safe_dump(play, sort_keys=False), encoding="utf-8")
+        vars_file = Path(folder) / "vars.json"
+        vars_file.write_text(json.dumps(variables), encoding="utf-8")
+        done = process.run(
+            [
+                str(Path(sys.executable).with_name("ansible-playbook")), "--syntax-check",
+                "-i", "localhost,", "--extra-vars", f"@{vars_file}", str(playbook),
+            ],
+            what="ansible-playbook --syntax-check",
+            cwd=Path(folder),
+            env=env,
+            timeout=SYNTAX_CHECK_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    if done.returncode != 0:
+        raise _syntax_error(config, image, done.output)
+
+
+def _syntax_error(config: Config, image: ImageConfig, output: str) -> ConfigError:
+    found = _ERROR_LINE.search(output)
+    last = (output.strip().splitlines() or ["it printed nothing"])[-1]
+    message = found.group("message").strip() if found else last
+    problem = f"the roles do not parse (ansible-playbook --syntax-check): {message}"
+    for pattern in _ERROR_ORIGIN:
+        origin = pattern.search(output)
+        if origin is not None:
+            return ConfigError(f"{origin.group('path')}:{origin.group('line')}", None, problem)
+    return ConfigError(str(config.path), f"images.{image.name}.roles", problem)
+
+
 def secret_values(config: Config, image: ImageConfig) -> dict[str, str]:
     """The values of the image's secret variables, each now masked in everything written.
 
@@ -217,6 +276,8 @@ def preview(config: Config, image_name: str, *, registry: Registry) -> dict[str,
     """
     image = config.image(image_name)
     roles = role_hashes(config, check_inputs(config, image))
+    # Roles a bake would fail to parse are named now, changed or not: parsing takes a second.
+    syntax_check(config, image)
     template = template_path(config, image)
     notes: list[str] = []
     if image.parent is not None:
@@ -488,6 +549,7 @@ def bake(config: Config, image_name: str, *, run: Run, registry: Registry) -> Ba
     refusal = refusal_to_bake(registry, image.name, inputs.fingerprint)
     if refusal is not None:
         raise UsageError(refusal)
+    syntax_check(config, image)
     abandon_stale_builds(config, registry, image.name)
     previous = previous_inputs(registry, image.name)
     bump = choose_bump(image, previous, inputs.parts)
