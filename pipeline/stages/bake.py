@@ -161,7 +161,6 @@ def syntax_check(config: Config, image: ImageConfig) -> None:
         **role_vars(image, image.version, "check"),
         **{name: "(secret)" for name in image.secret_vars},
     }
-    env = dict(item.split("=", 1) for item in _ansible_env(config))
     with tempfile.TemporaryDirectory(prefix="pipeline-syntax-") as folder:
         playbook = Path(folder) / "bake.yml"
         play = _bake_playbook(image, Path(folder) / "packages.tsv")
@@ -175,7 +174,7 @@ def syntax_check(config: Config, image: ImageConfig) -> None:
             ],
             what="ansible-playbook --syntax-check",
             cwd=Path(folder),
-            env=env,
+            env=_ansible_env(config),
             timeout=SYNTAX_CHECK_TIMEOUT,
             check=False,
         )  # fmt: skip
@@ -736,7 +735,8 @@ def packer_context(
         "ssh_timeout": "10m",
         "playbook": run_dir / "bake.yml",
         "vars_file": vars_file,
-        "ansible_env": _ansible_env(config),
+        # Packer's ansible_env_vars: a list of NAME=VALUE.
+        "ansible_env": [f"{name}={value}" for name, value in _ansible_env(config).items()],
         "ansible_playbook": Path(sys.executable).with_name("ansible-playbook"),
         "provision_timeout": image.provision_timeout,
     }
@@ -778,18 +778,19 @@ def _bake_playbook(image: ImageConfig, packages_file: Path) -> list[dict[str, An
     ]
 
 
-def _ansible_env(config: Config) -> list[str]:
+def _ansible_env(config: Config) -> dict[str, str]:
+    """The environment Ansible runs a bake's play in (and parses it in, see syntax_check)."""
     vault = config.vault_password_file
-    return [
-        *([f"ANSIBLE_VAULT_PASSWORD_FILE={vault}"] if vault is not None else []),
-        f"ANSIBLE_ROLES_PATH={config.roles_dir}",
-        "ANSIBLE_HOST_KEY_CHECKING=False",
-        "ANSIBLE_PIPELINING=True",
-        "ANSIBLE_NOCOLOR=1",
-        "ANSIBLE_RETRY_FILES_ENABLED=False",
-        "ANSIBLE_SSH_ARGS=-o ControlMaster=auto -o ControlPersist=60s"
+    return {
+        **({"ANSIBLE_VAULT_PASSWORD_FILE": str(vault)} if vault is not None else {}),
+        "ANSIBLE_ROLES_PATH": str(config.roles_dir),
+        "ANSIBLE_HOST_KEY_CHECKING": "False",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s"
         " -o UserKnownHostsFile=/dev/null",
-    ]
+    }
 
 
 def _provisioner_timed_out(line: str) -> bool:
