@@ -100,11 +100,12 @@ def test_record_round_trips_through_json(tmp_path: Path) -> None:
 def test_the_cli_takes_the_kernel_command_line_from_a_base_or_a_baked_manifest(
     tmp_path: Path,
 ) -> None:
-    base, baked, other = (tmp_path / name for name in ("base", "baked", "other"))
+    base, baked, other, listed = (tmp_path / n for n in ("base", "baked", "other", "listed"))
     for folder, manifest in (
         (base, {"append": "root=/dev/vda base"}),
         (baked, {"boot": {"append": "root=/dev/vda baked", "kernel": "vmlinuz"}}),
         (other, {"boot": {"kernel": "vmlinuz"}}),
+        (listed, ["root=/dev/vda"]),
     ):
         folder.mkdir()
         (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -112,6 +113,8 @@ def test_the_cli_takes_the_kernel_command_line_from_a_base_or_a_baked_manifest(
     assert qemu.manifest_append(baked) == "root=/dev/vda baked"
     with pytest.raises(UsageError, match=r"other/manifest.json names no kernel command line"):
         qemu.manifest_append(other)
+    with pytest.raises(UsageError, match=r"listed/manifest.json names no kernel command line"):
+        qemu.manifest_append(listed)
     with pytest.raises(UsageError, match=r"no .*/missing/manifest.json to take it from"):
         qemu.manifest_append(tmp_path / "missing")
 

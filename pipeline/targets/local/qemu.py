@@ -499,7 +499,9 @@ def manifest_append(folder: Path) -> str:
         raise UsageError(f"--append not given and no {manifest} to take it from") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"--append not given and {manifest} cannot be read: {exc}") from None
-    boot = found.get("boot") if isinstance(found, dict) else None
+    if not isinstance(found, dict):
+        found = {}
+    boot = found.get("boot")
     append = found.get("append") or (boot.get("append") if isinstance(boot, dict) else None)
     if not isinstance(append, str) or not append.strip():
         raise UsageError(f"--append not given and {manifest} names no kernel command line")
