@@ -24,7 +24,8 @@ def setup(verbosity: int) -> None:
     """-v shows the tools' own output as it comes; -vv also our debug detail."""
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get(TIMES_VARIABLE) == "1":
-        stamped = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        # Milliseconds: a rollout's steps are seconds apart, and benches read their timing here.
+        stamped = logging.Formatter("%(asctime)s.%(msecs)03dZ %(message)s", "%Y-%m-%dT%H:%M:%S")
         stamped.converter = time.gmtime
         handler.setFormatter(stamped)
     else:
