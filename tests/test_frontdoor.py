@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from projects import take_ctrl_c
@@ -34,20 +35,30 @@ FAST = HealthCheck(interval=0.1, rise=2, fall=2)
 
 
 class Backend:
-    """An instance stand-in: answers its name on any path, and /healthz; can turn to 503."""
+    """An instance stand-in: answers its name on any path, and /healthz; can turn to 503.
 
-    def __init__(self, name: str) -> None:
+    `keep_alive`: HTTP/1.1, each connection kept open for further requests until it has been
+    idle for `idle` seconds (the example service's way); otherwise HTTP/1.0, one request each.
+    """
+
+    def __init__(self, name: str, *, keep_alive: bool = False, idle: float = 10.0) -> None:
         self.name = name
         self.failing = False
         self.hits = 0  # requests other than health checks
+        self.connections: set[int] = set()  # client ports of the connections that made them
         self._lock = threading.Lock()
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
+            if keep_alive:
+                protocol_version = "HTTP/1.1"
+                timeout = idle
+
             def do_GET(self) -> None:
                 if self.path != "/healthz":
                     with backend._lock:
                         backend.hits += 1
+                        backend.connections.add(self.client_address[1])
                 status = 503 if backend.failing else 200
                 body = backend.name.encode()
                 self.send_response(status)
@@ -153,8 +164,8 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 def backends() -> Iterator[Callable[[str], Backend]]:
     started: list[Backend] = []
 
-    def start(name: str) -> Backend:
-        backend = Backend(name)
+    def start(name: str, **options: Any) -> Backend:
+        backend = Backend(name, **options)
         started.append(backend)
         return backend
 
@@ -212,8 +223,9 @@ def test_a_new_server_takes_traffic_at_once(folder, backends):
     assert answers(door.port, 4)["b"] >= 1
 
 
-def test_reloads_drop_no_request(folder, backends):
-    pool = {name: backends(name) for name in ("a", "b", "c", "d", "e", "f")}
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["http1.0", "kept-alive"])
+def test_reloads_drop_no_request(folder, backends, keep_alive):
+    pool = {name: backends(name, keep_alive=keep_alive) for name in ("a", "b", "c", "d", "e", "f")}
     door = FrontDoor(folder, name="web", health=FAST)
     live = {"a": pool["a"].port, "b": pool["b"].port}
     door.apply(live)
@@ -244,6 +256,32 @@ def test_reloads_drop_no_request(folder, backends):
     assert probe.results["200"] > 50
     assert door.servers() == {"e": "UP", "f": "UP"}
     assert pool["f"].hits > 0
+
+
+def test_clients_share_the_connections_to_an_instance(folder, backends):
+    """Each request comes on a client connection of its own, as the probes' do; an instance
+    that keeps connections open gets them all over one or two."""
+    a = backends("a", keep_alive=True)
+    door = FrontDoor(folder, name="web", health=HealthCheck(interval=5.0))
+    door.apply({"a": a.port})
+
+    assert answers(door.port, 20) == Counter({"a": 20})
+    assert len(a.connections) <= 2, a.connections
+
+
+def test_an_instance_closing_idle_connections_fails_no_request(folder, backends):
+    """Requests sent around the moment the instance closes the idle connection they would
+    reuse: the one sent as it closes is sent again on a new connection, never failed."""
+    a = backends("a", keep_alive=True, idle=0.2)
+    door = FrontDoor(folder, name="web", health=HealthCheck(interval=5.0))
+    door.apply({"a": a.port})
+
+    seen: Counter[str] = Counter()
+    for step in range(30):
+        time.sleep(0.18 + 0.04 * (step % 5) / 4)  # 0.18 to 0.22 s: either side of the close
+        seen += answers(door.port, 1)
+    assert seen == Counter({"a": 30})
+    assert len(a.connections) > 1  # the instance did close idle connections
 
 
 def test_a_failing_backend_goes_down_and_gets_no_traffic(folder, backends):

@@ -319,6 +319,12 @@ frontend fe_{self.name}
 
 backend {self._backend}
     balance roundrobin
+    # Any request may go over a connection to the instance that an earlier one left open, not
+    # only a client's second request ("safe"), so that clients sending one request per
+    # connection do not make the instance accept one each: through HAProxy, an emulated guest
+    # spent 5.3-5.5 ms of CPU per request that way, and 2.0-2.3 ms over a reused connection.
+    # A request sent as the instance closes an idle connection is sent again (`retry-on`).
+    http-reuse always
     option httpchk GET {health.path}
     http-check expect status {health.status}
 {servers}"""
