@@ -258,30 +258,26 @@ def test_reloads_drop_no_request(folder, backends, keep_alive):
     assert pool["f"].hits > 0
 
 
-def test_clients_share_the_connections_to_an_instance(folder, backends):
-    """Each request comes on a client connection of its own, as the probes' do; an instance
-    that keeps connections open gets them all over one or two."""
+def test_a_body_one_client_leaves_unread_never_reaches_another_clients_request(folder, backends):
+    """An instance that keeps connections open and never reads a GET's body (as Python's
+    http.server does not) finds the body at the start of that connection's next request. That
+    next request must be the same client's: HAProxy's default `http-reuse safe` never sends
+    another client's first request over it. With `http-reuse always`, the probe right after
+    got HTTP 501 ("helloGET" is no method)."""
     a = backends("a", keep_alive=True)
     door = FrontDoor(folder, name="web", health=HealthCheck(interval=5.0))
     door.apply({"a": a.port})
 
-    assert answers(door.port, 20) == Counter({"a": 20})
-    assert len(a.connections) <= 2, a.connections
-
-
-def test_an_instance_closing_idle_connections_fails_no_request(folder, backends):
-    """Requests sent around the moment the instance closes the idle connection they would
-    reuse: the one sent as it closes is sent again on a new connection, never failed."""
-    a = backends("a", keep_alive=True, idle=0.2)
-    door = FrontDoor(folder, name="web", health=HealthCheck(interval=5.0))
-    door.apply({"a": a.port})
-
     seen: Counter[str] = Counter()
-    for step in range(30):
-        time.sleep(0.18 + 0.04 * (step % 5) / 4)  # 0.18 to 0.22 s: either side of the close
-        seen += answers(door.port, 1)
-    assert seen == Counter({"a": 30})
-    assert len(a.connections) > 1  # the instance did close idle connections
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", door.port), timeout=5) as client:
+            client.sendall(
+                b"GET / HTTP/1.1\r\nHost: door\r\nContent-Length: 5\r\n"
+                b"Connection: close\r\n\r\nhello"
+            )
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        seen += answers(door.port, 4)
+    assert seen == Counter({"a": 20})
 
 
 def test_a_failing_backend_goes_down_and_gets_no_traffic(folder, backends):

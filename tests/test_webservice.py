@@ -63,6 +63,8 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 def test_the_pages_say_what_the_image_is(served: Served) -> None:
+    """HTTP/1.0, one connection per request: through HAProxy an HTTP/1.1 server kept alive
+    cost an emulated guest 22.5 ms of CPU per request against 10.5 ms (measured on 2026-12-05)."""
     port = served.port
     assert get(port, "/healthz") == (200, "ok\n")
     assert get(port, "/")[1].startswith("Hello\nimage: web 1.0.0\nbuild: b1\n")
@@ -84,32 +86,6 @@ def test_requests_one_after_another_start_no_thread(served: Served) -> None:
     for _ in range(50):
         assert get(served.port, "/healthz") == (200, "ok\n")
     assert served.server.extra == 0
-
-
-def test_one_connection_serves_request_after_request(served: Served) -> None:
-    """HTTP/1.1: the front door sends request after request over a connection it keeps."""
-    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
-    try:
-        for path in ["/healthz", "/", "/version", "/missing"] * 5:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            response.read()
-            assert response.status == (404 if path == "/missing" else 200)
-            assert not response.will_close
-    finally:
-        connection.close()
-    assert served.server.extra == 0
-
-
-def test_an_http_1_0_request_gets_its_answer_then_the_connection_closes(served: Served) -> None:
-    """What HAProxy's health checks send: the answer, then the end of the connection."""
-    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as connection:
-        connection.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-        received = b""
-        while chunk := connection.recv(4096):
-            received += chunk
-    assert received.startswith(b"HTTP/1.1 200 ")
-    assert received.endswith(b"\r\n\r\nok\n")
 
 
 def test_clients_holding_every_pooled_thread_keep_no_one_waiting(served: Served) -> None:

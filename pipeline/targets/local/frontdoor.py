@@ -319,12 +319,10 @@ frontend fe_{self.name}
 
 backend {self._backend}
     balance roundrobin
-    # Any request may go over a connection to the instance that an earlier one left open, not
-    # only a client's second request ("safe"), so that clients sending one request per
-    # connection do not make the instance accept one each: through HAProxy, an emulated guest
-    # spent 5.3-5.5 ms of CPU per request that way, and 2.0-2.3 ms over a reused connection.
-    # A request sent as the instance closes an idle connection is sent again (`retry-on`).
-    http-reuse always
+    # Connections to instances are shared the default way (`http-reuse safe`): only a client's
+    # later requests may take a connection another left open. `always` halved an emulated
+    # guest's CPU per request, but then a GET body an instance leaves unread (as Python's
+    # http.server does) became the start of another client's request (tests/test_frontdoor.py).
     option httpchk GET {health.path}
     http-check expect status {health.status}
 {servers}"""

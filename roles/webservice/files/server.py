@@ -37,14 +37,10 @@ def load(path):
 class Handler(BaseHTTPRequestHandler):
     config: ClassVar[dict] = {}
     image: ClassVar[dict] = {}
-    # Connections stay open for further requests, and the front door reuses them: through
-    # HAProxy, a request on a new connection cost an emulated guest 5.3-5.5 ms of CPU, and
-    # 2.0-2.3 ms on a reused one with the response in one write (measured on 2026-12-05).
-    protocol_version = "HTTP/1.1"
+    # HTTP/1.0: one request per connection. Kept alive behind HAProxy's default `http-reuse
+    # safe`, idle connections pile up and cost more than new ones; with `always`, a GET body
+    # this handler never reads would reach another client's request.
     timeout = 10  # seconds a connection may stay silent before it is closed
-    # Each response leaves in one write (the headers and the body), sent at once.
-    wbufsize = -1
-    disable_nagle_algorithm = True
 
     def do_GET(self):
         if self.path == "/healthz":
