@@ -38,27 +38,25 @@ class Backend:
     """An instance stand-in: answers its name on any path, and /healthz; can turn to 503.
 
     `keep_alive`: HTTP/1.1, each connection kept open for further requests until it has been
-    idle for `idle` seconds (the example service's way); otherwise HTTP/1.0, one request each.
+    idle for 10 s; otherwise HTTP/1.0, one request each.
     """
 
-    def __init__(self, name: str, *, keep_alive: bool = False, idle: float = 10.0) -> None:
+    def __init__(self, name: str, *, keep_alive: bool = False) -> None:
         self.name = name
         self.failing = False
         self.hits = 0  # requests other than health checks
-        self.connections: set[int] = set()  # client ports of the connections that made them
         self._lock = threading.Lock()
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
             if keep_alive:
                 protocol_version = "HTTP/1.1"
-                timeout = idle
+                timeout = 10
 
             def do_GET(self) -> None:
                 if self.path != "/healthz":
                     with backend._lock:
                         backend.hits += 1
-                        backend.connections.add(self.client_address[1])
                 status = 503 if backend.failing else 200
                 body = backend.name.encode()
                 self.send_response(status)
