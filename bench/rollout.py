@@ -67,9 +67,10 @@ def pipeline(root: Path, *args: str, timeline: list[str] | None = None) -> dict:
     return json.loads(done.stdout)
 
 
-def healthy_after(run_dir: str) -> list[float]:
-    """The provider's boot-to-healthy seconds for each instance a run created."""
-    log = Path(run_dir, "logs", "provider.log")
+def healthy_after(root: Path) -> list[float]:
+    """The provider's boot-to-healthy seconds for each instance the newest run created."""
+    newest = max((root / ".pipeline" / "runs").iterdir())
+    log = newest / "logs" / "provider.log"
     return [float(x) for x in re.findall(r"healthy after ([0-9.]+) s", log.read_text())]
 
 
@@ -77,8 +78,7 @@ def one_boot(root: Path) -> float:
     """Scale the fleet out by one and back: the provider's boot-to-healthy time of that one."""
     scaled = pipeline(root, "scale", "bench", str(SIZE + 1))
     assert len(scaled["instances"]) == SIZE + 1, scaled
-    runs = sorted((root / ".pipeline" / "runs").iterdir())
-    [boot] = healthy_after(str(runs[-1]))
+    [boot] = healthy_after(root)
     pipeline(root, "scale", "bench", str(SIZE))
     return boot
 
@@ -131,8 +131,7 @@ def main() -> int:
         probe.stop.set()
         probe.thread.join()
         waves = rolled["waves"]
-        runs = sorted((root / ".pipeline" / "runs").iterdir())
-        booted = ", ".join(f"{s:.1f}" for s in healthy_after(str(runs[-1])))
+        booted = ", ".join(f"{s:.1f}" for s in healthy_after(root))
         boots.append(one_boot(root))
         boot = statistics.median(boots)
         one = boot + gate
