@@ -134,10 +134,18 @@ def _set_message(project: Project, message: str) -> None:
     defaults.write_text(text)
 
 
-def _apply_log(run_dir: str) -> list[str]:
-    logs = sorted(Path(run_dir, "logs").glob("terraform-*-apply.log"))
-    assert logs, f"no terraform apply log in {run_dir}"
-    return logs[-1].read_text().splitlines()
+def _most_at_once(project: Project, running: int) -> int:
+    """The most instances that ran at once during the newest run's fleet changes, from its
+    provider's log, given how many ran before it."""
+    [log] = sorted(project.state.glob("runs/*/logs/provider.log"))[-1:]
+    most = running
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if re.search(r"INFO create \S+: pid", line):
+            running += 1
+        elif re.search(r"INFO delete \S+: stopped", line):
+            running -= 1
+        most = max(most, running)
+    return most
 
 
 def _ansible(project: Project, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -244,6 +252,8 @@ def test_the_user_story_from_first_run_to_healing(project: Project) -> None:
     assert second["baked"] and second["version"] == planned["bake"]["version"]
     assert probe.versions == {first["version"], second["version"]}
     assert second["deploy"]["waves"] == 2
+    # max_surge 1: the second wave's apply deleted an old instance before it booted a new one.
+    assert _most_at_once(project, running=2) == 3
     new_instances = second["deploy"]["instances"]
     new_names = {i["name"] for i in new_instances}
     assert len(new_names) == 2 and not new_names & first_names

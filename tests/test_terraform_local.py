@@ -318,6 +318,128 @@ def test_a_build_id_unfit_for_a_name_is_refused(
     assert "Instance names are host names" in " ".join("\n".join(caught.value.tail).split())
 
 
+def provider_starts(fleet: Fleet) -> list[int]:
+    """The pid of every provider process that has started for this fleet, in order."""
+    path = fleet.log_dir / tfmod.PROVIDER_LOG_NAME
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [int(pid) for pid in re.findall(r"pid=(\d+) INFO provider starting", text)]
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended: a zombie counts, once no thread of it runs any more
+    (its first thread is a zombie while the others still close its files)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    except OSError:
+        return True
+    return state in ("Z", "X") and threads <= 1
+
+
+def test_a_served_provider_answers_every_command_and_ends_with_them(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir, size=2)
+    variables = fleet.vars(fake_image, "1.0.0", "b100")
+    fleet.tf.plan(variables)
+    # Alone, Terraform starts the provider itself, several times for one plan and its show.
+    assert len(provider_starts(fleet)) >= 3
+
+    before = provider_starts(fleet)
+    with fleet.tf.serving():
+        first = fleet.tf.plan(variables)
+        again = fleet.tf.plan(variables)
+        served = provider_starts(fleet)[len(before) :]
+        assert len(served) == 1
+    [pid] = served
+
+    assert [short(c.name) for c in first.changes] == ["web-test-b100-0", "web-test-b100-1"]
+    assert again.changes == first.changes
+    assert provider_starts(fleet) == before + served
+    assert gone(pid)
+    assert tfmod.REATTACH_ENV not in fleet.tf.env()
+
+
+def test_a_served_provider_that_dies_leaves_terraform_to_start_its_own(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+    variables = fleet.vars(fake_image, "1.0.0", "b1")
+
+    with fleet.tf.serving():
+        fleet.tf.plan(variables)
+        [pid] = provider_starts(fleet)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        plan = fleet.tf.plan(variables)
+
+    assert [c.action for c in plan.changes] == ["create"]
+    assert len(provider_starts(fleet)) > 1
+    assert "provider is not serving" in caplog.text
+    assert "Terraform starts its own from now on" in caplog.text
+
+
+SERVING_SCRIPT = """
+import sys, time
+from pathlib import Path
+from pipeline.tools.terraform import Terraform
+root = Path(sys.argv[1])
+tf = Terraform(None, root / "env", root / "plugins", root / "logs")
+with tf.serving():
+    tf.env()
+    print("serving", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_served_provider_ends_when_the_pipeline_is_killed(tmp_path: Path) -> None:
+    pipeline = subprocess.Popen(
+        [sys.executable, "-c", SERVING_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert pipeline.stdout is not None and pipeline.stdout.readline() == "serving\n"
+        log = (tmp_path / "logs" / tfmod.PROVIDER_LOG_NAME).read_text(encoding="utf-8")
+        [pid] = [int(p) for p in re.findall(r"pid=(\d+) INFO provider serving", log)]
+        assert not gone(pid)
+        pipeline.kill()
+        pipeline.wait()
+        # Its own session keeps the provider out of the pipeline's signals: the closed stdin
+        # alone must end it.
+        deadline = time.monotonic() + 30
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(pid)
+    finally:
+        pipeline.kill()
+        pipeline.wait()
+
+
+def test_the_provider_takes_an_applys_deletes_first_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.targets.local import provider
+
+    listed = tmp_path / tfmod.DELETES_FIRST_NAME
+    monkeypatch.setenv(tfmod.DELETES_FIRST_ENV, str(listed))
+    monkeypatch.setattr(provider, "_deletes_first", set())
+    monkeypatch.setattr(provider, "_deletes_apply", [])
+
+    listed.write_text(json.dumps({"apply": "a", "names": ["old-0", "old-1"]}))
+    provider._load_deletes_first()
+    assert provider._deletes_first == {"old-0", "old-1"}
+    provider._deleted("old-0")
+    # Another command of the same apply (or a plan between) configures the provider again.
+    provider._load_deletes_first()
+    assert provider._deletes_first == {"old-1"}
+    listed.write_text(json.dumps({"apply": "b", "names": []}))
+    provider._load_deletes_first()
+    assert provider._deletes_first == set()
+    assert provider._wait_for_deletes("new-0")
+
+
 def state_with(fleet: Fleet, image: BaseImage, *, schema_version: int = 1) -> dict[str, Any]:
     """A state file such as an apply writes: one instance and a deposed object of the same key
     (an old instance whose delete failed after its replacement came up)."""
@@ -442,104 +564,118 @@ def test_a_wave_adds_beside_the_old_then_removes_it_and_drift_is_recreated(
     vm_fleet: Fleet, base_image: BaseImage
 ) -> None:
     tf = vm_fleet.tf
+    # As the pipeline runs it: one provider serves every command.
+    with tf.serving():
+        # Version A: one healthy instance.
+        started = time.monotonic()
+        tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
+        outputs = tf.outputs()
+        first_apply = time.monotonic() - started
+        [old] = outputs["instances"]
+        assert short(old["name"]) == "web-test-a1-0"
+        assert http_status(old["url"]) == 200
+        [old_record] = qemu.list_vms(vm_fleet.vm_root)
+        assert qemu.is_running(old_record)
+        assert not tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")).has_changes
 
-    # Version A: one healthy instance.
-    started = time.monotonic()
-    tf.apply(tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")))
-    outputs = tf.outputs()
-    first_apply = time.monotonic() - started
-    [old] = outputs["instances"]
-    assert short(old["name"]) == "web-test-a1-0"
-    assert http_status(old["url"]) == 200
-    [old_record] = qemu.list_vms(vm_fleet.vm_root)
-    assert qemu.is_running(old_record)
-    assert not tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1")).has_changes
+        # A state from the count-based configuration of earlier releases (fleet[0]) moves to the
+        # instance's name with the pipeline's `moved` blocks: the VM is kept, not replaced.
+        state_path = tf.workdir / "terraform.tfstate"
+        state = json.loads(state_path.read_text())
+        for resource in state["resources"]:
+            for instance in resource["instances"]:
+                instance["index_key"] = 0
+        state_path.write_text(json.dumps(state))
+        [counted] = tf.state_instances()
+        assert counted["index"] == 0
+        (tf.workdir / "moved.tf").write_text(moved_blocks([counted]))
+        plan = tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1"))
+        assert [(c.action, short(c.name)) for c in plan.changes] == [("no-op", "web-test-a1-0")]
+        tf.apply(plan)
+        (tf.workdir / "moved.tf").unlink()
+        [moved] = tf.state_instances()
+        assert moved["index"] == old["name"]
+        assert qemu.list_vms(vm_fleet.vm_root)[0].pid == old_record.pid
+        assert moved_blocks([moved]) == ""
 
-    # A state from the count-based configuration of earlier releases (fleet[0]) moves to the
-    # instance's name with the pipeline's `moved` blocks: the VM is kept, not replaced.
-    state_path = tf.workdir / "terraform.tfstate"
-    state = json.loads(state_path.read_text())
-    for resource in state["resources"]:
-        for instance in resource["instances"]:
-            instance["index_key"] = 0
-    state_path.write_text(json.dumps(state))
-    [counted] = tf.state_instances()
-    assert counted["index"] == 0
-    (tf.workdir / "moved.tf").write_text(moved_blocks([counted]))
-    plan = tf.plan(vm_fleet.vars(base_image, "1.0.0", "a1"))
-    assert [(c.action, short(c.name)) for c in plan.changes] == [("no-op", "web-test-a1-0")]
-    tf.apply(plan)
-    (tf.workdir / "moved.tf").unlink()
-    [moved] = tf.state_instances()
-    assert moved["index"] == old["name"]
-    assert qemu.list_vms(vm_fleet.vm_root)[0].pid == old_record.pid
-    assert moved_blocks([moved]) == ""
+        # Version B beside A: the plan creates B and leaves A alone (the pipeline's wave).
+        both = vm_fleet.vars(base_image, "1.0.0", "a1")
+        both["instances"].update(vm_fleet.vars(base_image, "2.0.0", "b2")["instances"])
+        plan = tf.plan(both)
+        assert [(c.action, short(c.name)) for c in plan.changes] == [
+            ("no-op", "web-test-a1-0"),
+            ("create", "web-test-b2-0"),
+        ]
+        started = time.monotonic()
+        tf.apply(plan)
+        outputs = tf.outputs()
+        replace_seconds = time.monotonic() - started
+        assert sorted(i["version"] for i in outputs["instances"]) == ["1.0.0", "2.0.0"]
+        assert qemu.is_running(old_record)
 
-    # Version B beside A: the plan creates B and leaves A alone (the pipeline's wave).
-    both = vm_fleet.vars(base_image, "1.0.0", "a1")
-    both["instances"].update(vm_fleet.vars(base_image, "2.0.0", "b2")["instances"])
-    plan = tf.plan(both)
-    assert [(c.action, short(c.name)) for c in plan.changes] == [
-        ("no-op", "web-test-a1-0"),
-        ("create", "web-test-b2-0"),
-    ]
-    started = time.monotonic()
-    tf.apply(plan)
-    outputs = tf.outputs()
-    replace_seconds = time.monotonic() - started
-    assert sorted(i["version"] for i in outputs["instances"]) == ["1.0.0", "2.0.0"]
-    assert qemu.is_running(old_record)
+        # Then B alone: A is deleted, really: from the state, from the disk, from the processes.
+        plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
+        assert [(c.action, short(c.name)) for c in plan.changes] == [
+            ("delete", "web-test-a1-0"),
+            ("no-op", "web-test-b2-0"),
+        ]
+        tf.apply(plan)
+        outputs = tf.outputs()
+        [new] = outputs["instances"]
+        assert new["version"] == "2.0.0"
+        assert http_status(new["url"]) == 200
+        assert [(short(i["name"]), i["deposed"]) for i in tf.state_instances()] == [
+            ("web-test-b2-0", None)
+        ]
+        assert not qemu.is_running(old_record)
+        assert [short(r.name) for r in qemu.list_vms(vm_fleet.vm_root)] == ["web-test-b2-0"]
 
-    # Then B alone: A is deleted, really: from the state, from the disk, from the processes.
-    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    assert [(c.action, short(c.name)) for c in plan.changes] == [
-        ("delete", "web-test-a1-0"),
-        ("no-op", "web-test-b2-0"),
-    ]
-    tf.apply(plan)
-    outputs = tf.outputs()
-    [new] = outputs["instances"]
-    assert new["version"] == "2.0.0"
-    assert http_status(new["url"]) == 200
-    assert [(short(i["name"]), i["deposed"]) for i in tf.state_instances()] == [
-        ("web-test-b2-0", None)
-    ]
-    assert not qemu.is_running(old_record)
-    assert [short(r.name) for r in qemu.list_vms(vm_fleet.vm_root)] == ["web-test-b2-0"]
+        # Killed from outside: drift, and the next apply brings it back.
+        [victim] = qemu.list_vms(vm_fleet.vm_root)
+        os.kill(victim.pid, signal.SIGKILL)
+        plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
+        assert [(d.address, d.action) for d in plan.drift] == [
+            (f'pipeline_instance.fleet["{victim.name}"]', "delete")
+        ]
+        assert [(c.action, short(c.name)) for c in plan.changes if c.action != "no-op"] == [
+            ("create", "web-test-b2-0")
+        ]
+        tf.apply(plan)
+        outputs = tf.outputs()
+        [back] = qemu.list_vms(vm_fleet.vm_root)
+        assert back.pid != victim.pid
+        assert qemu.is_running(back)
+        assert http_status(outputs["instances"][0]["url"]) == 200
 
-    # Killed from outside: drift, and the next apply brings it back.
-    [victim] = qemu.list_vms(vm_fleet.vm_root)
-    os.kill(victim.pid, signal.SIGKILL)
-    plan = tf.plan(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    assert [(d.address, d.action) for d in plan.drift] == [
-        (f'pipeline_instance.fleet["{victim.name}"]', "delete")
-    ]
-    assert [(c.action, short(c.name)) for c in plan.changes if c.action != "no-op"] == [
-        ("create", "web-test-b2-0")
-    ]
-    tf.apply(plan)
-    outputs = tf.outputs()
-    [back] = qemu.list_vms(vm_fleet.vm_root)
-    assert back.pid != victim.pid
-    assert qemu.is_running(back)
-    assert http_status(outputs["instances"][0]["url"]) == 200
-
-    # Destroy leaves nothing running.
-    tf.destroy(vm_fleet.vars(base_image, "2.0.0", "b2"))
-    assert tf.state_instances() == []
-    assert qemu_pids(vm_fleet.vm_root) == []
-    print(f"\napply of 1 instance: {first_apply:.0f} s; replace: {replace_seconds:.0f} s")
+        # Destroy leaves nothing running.
+        tf.destroy(vm_fleet.vars(base_image, "2.0.0", "b2"))
+        assert tf.state_instances() == []
+        assert qemu_pids(vm_fleet.vm_root) == []
+        print(f"\napply of 1 instance: {first_apply:.0f} s; replace: {replace_seconds:.0f} s")
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("served", [False, True], ids=["own-provider", "served-provider"])
 def test_interrupted_apply_leaves_no_vm_and_no_instance_in_state(
-    vm_fleet: Fleet, base_image: BaseImage
+    vm_fleet: Fleet, base_image: BaseImage, served: bool
 ) -> None:
+    tf = vm_fleet.tf
+    with tf.serving() if served else contextlib.nullcontext():
+        interrupted_apply(vm_fleet, base_image)
+
+    assert qemu_pids(vm_fleet.vm_root) == []
+    assert tf.state_instances() == []
+    assert qemu.list_vms(vm_fleet.vm_root) == []
+
+
+def interrupted_apply(vm_fleet: Fleet, base_image: BaseImage) -> None:
+    """Stop an apply as Ctrl-C does once its provider has booted the VM."""
     tf = vm_fleet.tf
     plan = tf.plan(vm_fleet.vars(base_image, "1.0.0", "i1"))
     provider_log = vm_fleet.log_dir / tfmod.PROVIDER_LOG_NAME
 
-    # As process.run stops a command on Ctrl-C: SIGTERM to its whole process group.
+    # As process.run stops a command on Ctrl-C: SIGTERM to its whole process group (a served
+    # provider is not in it: Terraform stops that one).
     apply = subprocess.Popen(
         [*tf.command, "apply", "-input=false", "-no-color", plan.path.name],
         cwd=tf.workdir, env={**os.environ, **tf.env()}, start_new_session=True,
@@ -561,9 +697,6 @@ def test_interrupted_apply_leaves_no_vm_and_no_instance_in_state(
 
     assert apply.returncode != 0
     assert "Interrupt received" in output
-    assert qemu_pids(vm_fleet.vm_root) == []
-    assert tf.state_instances() == []
-    assert qemu.list_vms(vm_fleet.vm_root) == []
 
 
 @pytest.mark.vm

@@ -10,10 +10,12 @@ blue/green rollout's kept old fleet. Nothing is ever changed inside a running VM
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,62 +75,63 @@ def deploy(
     """Bring the fleet to the channel's version and size; return its instances."""
     version = channel_version(registry, environment)
     _check_image_files(version)
-    fleet, record, log = _open(config, environment, run, "deploy", version.version)
-    size = record.size()
-    strategy = environment.rollout.strategy
-    entry = record.start(
-        run.build_id, strategy, version.version, [m.version for m in fleet.members.values()]
-    )
-    moves = rollout.Moves()
-    try:
-        if strategy == "blue_green":
-            kept = rollout.blue_green(fleet, version, size, moves)
-            if kept:
-                record.keep(kept, environment.rollout.keep_old)
-                record.save()
-                _finish_later(config, environment, record)
-                log.info(
-                    "old fleet kept out of the front door for %d s (`pipeline finish %s` ends it)",
-                    environment.rollout.keep_old,
-                    environment.name,
-                )
-        else:
-            rollout.rolling(fleet, version, size, moves)
-    except GateFailed as exc:
-        undone = rollout.roll_back(fleet, moves, str(exc))
-        record.finish(entry, "rolled back", str(exc))
-        run.event("deploy.rolled_back", reason=str(exc))
-        raise undone from exc
-    except (KeyboardInterrupt, Interrupted) as exc:
-        _serve_what_runs(fleet)
-        record.finish(entry, "interrupted", str(exc) or "interrupted")
-        raise
-    except BaseException as exc:
-        record.finish(entry, "failed", str(exc) or type(exc).__name__)
-        raise
-    finally:
-        # A plan made ahead for a step that did not come is waited for, never left running.
-        fleet.settle()
-    if not moves.created and not fleet.destroyed:
-        log.info("fleet already on %s: %d instance(s), nothing to change", version.label, size)
-    record.finish(entry, "done")
-    instances = listing(config, environment, fleet.tf)
-    unhealthy = [item["name"] for item in instances if item["health"] != "healthy"]
-    if unhealthy and not record.kept:
-        raise DeployFailed(f"instances not healthy after deploy: {', '.join(unhealthy)}")
-    run.event("deploy.done", version=version.version, instances=[i["name"] for i in instances])
-    return {
-        "env": environment.name,
-        "version": version.version,
-        "strategy": strategy,
-        "changed": bool(moves.created or fleet.destroyed),
-        "waves": moves.waves,
-        "created": fleet.created,
-        "destroyed": fleet.destroyed,
-        "front_door": fleet.door.url,
-        "kept": (record.kept or {}).get("names", []),
-        "instances": instances,
-    }
+    with _opened(config, environment, run, "deploy", version.version) as (fleet, record, log):
+        size = record.size()
+        strategy = environment.rollout.strategy
+        entry = record.start(
+            run.build_id, strategy, version.version, [m.version for m in fleet.members.values()]
+        )
+        moves = rollout.Moves()
+        try:
+            if strategy == "blue_green":
+                kept = rollout.blue_green(fleet, version, size, moves)
+                if kept:
+                    record.keep(kept, environment.rollout.keep_old)
+                    record.save()
+                    _finish_later(config, environment, record)
+                    log.info(
+                        "old fleet kept out of the front door for %d s"
+                        " (`pipeline finish %s` ends it)",
+                        environment.rollout.keep_old,
+                        environment.name,
+                    )
+            else:
+                rollout.rolling(fleet, version, size, moves)
+        except GateFailed as exc:
+            undone = rollout.roll_back(fleet, moves, str(exc))
+            record.finish(entry, "rolled back", str(exc))
+            run.event("deploy.rolled_back", reason=str(exc))
+            raise undone from exc
+        except (KeyboardInterrupt, Interrupted) as exc:
+            _serve_what_runs(fleet)
+            record.finish(entry, "interrupted", str(exc) or "interrupted")
+            raise
+        except BaseException as exc:
+            record.finish(entry, "failed", str(exc) or type(exc).__name__)
+            raise
+        finally:
+            # A plan made ahead for a step that did not come is waited for, never left running.
+            fleet.settle()
+        if not moves.created and not fleet.destroyed:
+            log.info("fleet already on %s: %d instance(s), nothing to change", version.label, size)
+        record.finish(entry, "done")
+        instances = listing(config, environment, fleet.tf)
+        unhealthy = [item["name"] for item in instances if item["health"] != "healthy"]
+        if unhealthy and not record.kept:
+            raise DeployFailed(f"instances not healthy after deploy: {', '.join(unhealthy)}")
+        run.event("deploy.done", version=version.version, instances=[i["name"] for i in instances])
+        return {
+            "env": environment.name,
+            "version": version.version,
+            "strategy": strategy,
+            "changed": bool(moves.created or fleet.destroyed),
+            "waves": moves.waves,
+            "created": fleet.created,
+            "destroyed": fleet.destroyed,
+            "front_door": fleet.door.url,
+            "kept": (record.kept or {}).get("names", []),
+            "instances": instances,
+        }
 
 
 def scale(
@@ -136,48 +139,48 @@ def scale(
 ) -> dict[str, Any]:
     """Change the number of instances; new ones run the version the fleet runs."""
     check_count(count)
-    fleet, record, log = _open(config, environment, run, "scale")
-    dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
-    for member in dead:
-        log.warning(
-            "drift: %s (%s): its VM is not running; removing it", member.name, member.version
-        )
-    if dead:
-        fleet.retire(m.name for m in dead)
-    version = _running_version(fleet, registry, environment)
-    before = len(fleet.members)
-    if count > before and version is None:
-        raise UsageError(
-            f"environment {environment.name} runs no version yet: deploy it first"
-            f" (`pipeline deploy {environment.name}`)"
-        )
-    names = sorted(fleet.members, key=rollout._index_order)
-    healthy = [n for n in names if fleet.healthy(n)]
-    fleet.serve(healthy)
-    if count > before:
-        assert version is not None
-        new = fleet.new_members(version, count - before)
-        log.info("adding %d instance(s) on %s", len(new), version.version)
-        fleet.converge({**fleet.members, **{m.name: m for m in new}})
-        try:
-            fleet.gate([m.name for m in new])
-        except GateFailed as exc:
-            added = {m.name for m in new}
-            fleet.converge({n: m for n, m in fleet.members.items() if n not in added})
-            raise RolledBack(f"rolled back: {exc}") from exc
-        fleet.serve(healthy + [m.name for m in new])
-    elif count < before:
-        # Broken ones go first, then the newest indices.
-        going = [n for n in names if n not in healthy][: before - count]
-        going += [n for n in reversed(healthy)][: before - count - len(going)]
-        log.info("removing %s", ", ".join(going))
-        fleet.retire(going)
-    else:
-        log.info("already %d instance(s)", count)
-    # Recorded once it holds: a scale-out that was rolled back leaves the size as it was.
-    record.scale(count)
-    record.save()
-    return _summary(config, environment, fleet, registry)
+    with _opened(config, environment, run, "scale") as (fleet, record, log):
+        dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
+        for member in dead:
+            log.warning(
+                "drift: %s (%s): its VM is not running; removing it", member.name, member.version
+            )
+        if dead:
+            fleet.retire(m.name for m in dead)
+        version = _running_version(fleet, registry, environment)
+        before = len(fleet.members)
+        if count > before and version is None:
+            raise UsageError(
+                f"environment {environment.name} runs no version yet: deploy it first"
+                f" (`pipeline deploy {environment.name}`)"
+            )
+        names = sorted(fleet.members, key=rollout._index_order)
+        healthy = [n for n in names if fleet.healthy(n)]
+        fleet.serve(healthy)
+        if count > before:
+            assert version is not None
+            new = fleet.new_members(version, count - before)
+            log.info("adding %d instance(s) on %s", len(new), version.version)
+            fleet.converge({**fleet.members, **{m.name: m for m in new}})
+            try:
+                fleet.gate([m.name for m in new])
+            except GateFailed as exc:
+                added = {m.name for m in new}
+                fleet.converge({n: m for n, m in fleet.members.items() if n not in added})
+                raise RolledBack(f"rolled back: {exc}") from exc
+            fleet.serve(healthy + [m.name for m in new])
+        elif count < before:
+            # Broken ones go first, then the newest indices.
+            going = [n for n in names if n not in healthy][: before - count]
+            going += [n for n in reversed(healthy)][: before - count - len(going)]
+            log.info("removing %s", ", ".join(going))
+            fleet.retire(going)
+        else:
+            log.info("already %d instance(s)", count)
+        # Recorded once it holds: a scale-out that was rolled back leaves the size as it was.
+        record.scale(count)
+        record.save()
+        return _summary(config, environment, fleet, registry)
 
 
 def check_count(count: int) -> None:
@@ -190,49 +193,50 @@ def heal(
     config: Config, environment: EnvironmentConfig, *, run: Run, registry: Registry
 ) -> dict[str, Any]:
     """Replace instances that died or stopped answering with new ones on the same version."""
-    fleet, _record, log = _open(config, environment, run, "heal")
-    if not fleet.members:
-        log.info(
-            "no instances: nothing to heal (`pipeline deploy %s` makes the fleet)", environment.name
-        )
-        return {**_summary(config, environment, fleet, registry), "replaced": []}
-    dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
-    for member in dead:
-        log.warning("drift: %s (%s): its VM is not running", member.name, member.version)
-    failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
-    healthy = [n for n in fleet.members if fleet.healthy(n)]
-    fleet.serve(healthy)
-    versions = {}
-    for member in dead + failing:
-        version = registry.find(environment.image, member.version)
-        if version is None or version.build_id != member.build_id:
-            raise DeployFailed(
-                f"cannot heal {member.name}: its version {member.version} is no longer in the"
-                f" registry; deploy a version instead (`pipeline deploy {environment.name}`)"
+    with _opened(config, environment, run, "heal") as (fleet, _record, log):
+        if not fleet.members:
+            log.info(
+                "no instances: nothing to heal (`pipeline deploy %s` makes the fleet)",
+                environment.name,
             )
-        versions[member.name] = version
-    replaced = []
-    if dead:
-        # Terraform sees them gone (drift) and creates them again, same name, same version.
-        fleet.converge(dict(fleet.members))
-        fleet.gate([m.name for m in dead])
-        healthy += [m.name for m in dead]
+            return {**_summary(config, environment, fleet, registry), "replaced": []}
+        dead = [m for n, m in fleet.members.items() if not fleet.running(n)]
+        for member in dead:
+            log.warning("drift: %s (%s): its VM is not running", member.name, member.version)
+        failing = [m for n, m in fleet.members.items() if m not in dead and not fleet.healthy(n)]
+        healthy = [n for n in fleet.members if fleet.healthy(n)]
         fleet.serve(healthy)
-        replaced += [{"old": m.name, "new": m.name, "version": m.version} for m in dead]
-    for member in failing:
-        # A running VM that fails its check is replaced by a new one before it goes.
-        log.warning("drift: %s (%s) fails its health check", member.name, member.version)
-        [new] = fleet.new_members(versions[member.name], 1)
-        fleet.converge({**fleet.members, new.name: new})
-        fleet.gate([new.name])
-        healthy.append(new.name)
-        fleet.serve(healthy)
-        replaced.append({"old": member.name, "new": new.name, "version": member.version})
-    if failing:
-        fleet.retire(m.name for m in failing)
-    if not dead and not failing:
-        log.info("all %d instance(s) healthy, nothing to heal", len(fleet.members))
-    return {**_summary(config, environment, fleet, registry), "replaced": replaced}
+        versions = {}
+        for member in dead + failing:
+            version = registry.find(environment.image, member.version)
+            if version is None or version.build_id != member.build_id:
+                raise DeployFailed(
+                    f"cannot heal {member.name}: its version {member.version} is no longer in the"
+                    f" registry; deploy a version instead (`pipeline deploy {environment.name}`)"
+                )
+            versions[member.name] = version
+        replaced = []
+        if dead:
+            # Terraform sees them gone (drift) and creates them again, same name, same version.
+            fleet.converge(dict(fleet.members))
+            fleet.gate([m.name for m in dead])
+            healthy += [m.name for m in dead]
+            fleet.serve(healthy)
+            replaced += [{"old": m.name, "new": m.name, "version": m.version} for m in dead]
+        for member in failing:
+            # A running VM that fails its check is replaced by a new one before it goes.
+            log.warning("drift: %s (%s) fails its health check", member.name, member.version)
+            [new] = fleet.new_members(versions[member.name], 1)
+            fleet.converge({**fleet.members, new.name: new})
+            fleet.gate([new.name])
+            healthy.append(new.name)
+            fleet.serve(healthy)
+            replaced.append({"old": member.name, "new": new.name, "version": member.version})
+        if failing:
+            fleet.retire(m.name for m in failing)
+        if not dead and not failing:
+            log.info("all %d instance(s) healthy, nothing to heal", len(fleet.members))
+        return {**_summary(config, environment, fleet, registry), "replaced": replaced}
 
 
 def finish(
@@ -254,10 +258,10 @@ def finish(
         log.info("the old fleet kept until %s is gone already, nothing to finish", when_due)
         return {"env": environment.name, "finished": [], "note": "nothing kept until then any more"}
     kept = list(kept_record.get("names", []))
-    fleet, _record, log = _open(config, environment, run, "finish")
-    if not kept:
-        log.info("no old fleet kept, nothing to finish")
-    return {**_summary(config, environment, fleet, registry), "finished": kept}
+    with _opened(config, environment, run, "finish") as (fleet, _record, log):
+        if not kept:
+            log.info("no old fleet kept, nothing to finish")
+        return {**_summary(config, environment, fleet, registry), "finished": kept}
 
 
 def plan(
@@ -303,7 +307,8 @@ def plan(
             elif new:
                 surge, unavailable = rollout_config.surge(size), rollout_config.unavailable(size)
                 waves = len(rollout.waves(len(new), len(old), surge, unavailable))
-        terraform_plan = fleet.tf.plan(fleet.variables(members))
+        with fleet.tf.serving():
+            terraform_plan = fleet.tf.plan(fleet.variables(members))
     changes = [
         {"action": c.action, "name": c.name}
         for c in terraform_plan.changes
@@ -339,13 +344,14 @@ def destroy(
         door.stop()
         log.info("stopped the front door %s", door.url)
     if names:
-        tf.destroy(
-            {
-                "instances": {},
-                "vm_root": str(config.state_dir / "vms"),
-                "state_dir": str(config.state_dir),
-            }
-        )
+        with tf.serving():
+            tf.destroy(
+                {
+                    "instances": {},
+                    "vm_root": str(config.state_dir / "vms"),
+                    "state_dir": str(config.state_dir),
+                }
+            )
         log.info("destroyed %s", ", ".join(names))
     for name in reap_orphans(config, environment, tf):
         log.warning("stopped %s: a VM of this environment that Terraform did not know", name)
@@ -481,17 +487,20 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
     }
 
 
-def _open(
+@contextlib.contextmanager
+def _opened(
     config: Config, environment: EnvironmentConfig, run: Run, action: str, label: str = ""
-) -> tuple[Fleet, rollout.Record, Any]:
-    """The start of every change of a fleet: its configuration written and checked, its
-    record read, and an old fleet a blue/green rollout kept destroyed first."""
+) -> Iterator[tuple[Fleet, rollout.Record, Any]]:
+    """Every change of a fleet: its configuration written and checked, its record read, an old
+    fleet a blue/green rollout kept destroyed first, and one provider serving every Terraform
+    command until the change is done."""
     log = context(f"{environment.name} {label}".strip(), action)
     fleet = Fleet(config, environment, run=run, log=log)
-    fleet.render()
-    record = rollout.Record(config, environment)
-    _finish_kept(fleet, record, log, action)
-    return fleet, record, log
+    with fleet.tf.serving():
+        fleet.render()
+        record = rollout.Record(config, environment)
+        _finish_kept(fleet, record, log, action)
+        yield fleet, record, log
 
 
 def _finish_kept(fleet: Fleet, record: rollout.Record, log: Any, action: str) -> None:

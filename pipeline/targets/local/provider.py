@@ -12,6 +12,12 @@ belongs to the plugin handshake, so everything this module says goes to a log fi
 - read reports an instance whose VM record is gone or whose QEMU is dead as gone, so that
   Terraform shows it as drift and the next apply creates it again.
 - delete stops the VM and removes its overlay and record.
+
+`--serve` runs it for the pipeline instead: one process serves every Terraform command of a
+deploy (Terraform attaches to it through `TF_REATTACH_PROVIDERS` rather than starting the
+provider three times per plan and twice per apply), on a private Unix socket, until the pipeline
+closes its stdin, Terraform stops it, or a signal comes.
+
 Every attribute given by the configuration forces a new instance when it changes: instances are
 immutable, a rollout always replaces them.
 """
@@ -23,8 +29,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,7 +55,7 @@ from tf.utils import Diagnostics
 
 from pipeline.errors import UsageError
 from pipeline.targets.local import qemu
-from pipeline.tools.terraform import DELETES_FIRST_ENV, INSTANCE_SCHEMA_VERSION
+from pipeline.tools.terraform import DELETES_FIRST_ENV, INSTANCE_SCHEMA_VERSION, SERVE_FLAG
 
 log = logging.getLogger("pipeline.provider")
 
@@ -75,13 +83,17 @@ _stopping = threading.Event()
 # stop, since Terraform will not record them.
 _inflight: dict[str, qemu.VmRecord] = {}
 _inflight_lock = threading.Lock()
-# Instances an apply deletes before it boots anything (named by the pipeline in
-# DELETES_FIRST_ENV): Terraform runs the deletes and creates of one apply side by side, and the
-# leaving instances must make room first, or the fleet would briefly hold more than max_surge
-# extra. Each create waits until these deletes have returned (they take well under a second).
+# Instances an apply deletes before it boots anything (named by the pipeline in the file
+# DELETES_FIRST_ENV points at): Terraform runs the deletes and creates of one apply side by side,
+# and the leaving instances must make room first, or the fleet would briefly hold more than
+# max_surge extra. Each create waits until these deletes have returned (they take well under a
+# second). The file names its apply: a serving provider takes a new list only from a new apply.
 _deletes_first: set[str] = set()
+_deletes_apply: list[str] = []
 _deletes_done = threading.Condition()
 DELETES_FIRST_WAIT = 60.0
+# gRPC threads of a serving provider: every instance of a blue/green fleet at once, twice over.
+SERVE_THREADS = 80
 
 
 def _replace(name: str, kind: Any, *, required: bool = False) -> Attribute:
@@ -266,6 +278,9 @@ class PipelineProvider(Provider):
         return None
 
     def configure_provider(self, diags: Diagnostics, config: Config) -> None:
+        # Every command configures the provider before it touches a resource: an apply's
+        # deletes that go first are known by then.
+        _load_deletes_first()
         return None
 
     def get_data_sources(self) -> list[Any]:
@@ -344,6 +359,25 @@ def _wait_for_deletes(name: str) -> bool:
         )
 
 
+def _load_deletes_first() -> None:
+    """Take the list of deletes that go first, if the pipeline wrote one for a new apply."""
+    path = os.environ.get(DELETES_FIRST_ENV)
+    if not path:
+        return
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        apply, names = str(data["apply"]), [str(name) for name in data["names"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    with _deletes_done:
+        if _deletes_apply and _deletes_apply[0] == apply:
+            return
+        _deletes_apply[:] = [apply]
+        _deletes_first.clear()
+        _deletes_first.update(names)
+        _deletes_done.notify_all()
+
+
 def _deleted(name: str) -> None:
     with _deletes_done:
         _deletes_first.discard(name)
@@ -391,16 +425,81 @@ def _on_signal(signum: int, _frame: Any) -> None:
     _stop_inflight(f"signal {signum} received")
 
 
-def main() -> None:
-    """Serve the provider to Terraform over the plugin protocol."""
+def serve() -> None:
+    """Serve the provider on a Unix socket for every Terraform command that attaches to it.
+
+    Prints one JSON line on stdout (the socket, this pid, the protocol version) once it serves.
+    It stops when stdin reaches its end (the pipeline is done, or died), when Terraform sends
+    StopProvider (an interrupt), or on SIGINT/SIGTERM; creates still waiting then stop their VMs.
+    """
+    from concurrent import futures
+
+    import grpc
+    from tf.gen import (
+        grpc_controller_pb2,
+        grpc_controller_pb2_grpc,
+        grpc_stdio_pb2_grpc,
+        tfplugin_pb2_grpc,
+    )
+    from tf.provider import ProviderServicer
+
+    class Servicer(ProviderServicer):  # type: ignore[misc]
+        def StopProvider(self, request: Any, context: Any) -> Any:
+            log.info("Terraform stops the provider (an interrupt)")
+            _stopping.set()
+            _stop_inflight("Terraform stopped the provider")
+            return super().StopProvider(request, context)
+
+    class Controller(grpc_controller_pb2_grpc.GRPCControllerServicer):  # type: ignore[misc]
+        def Shutdown(self, request: Any, context: Any) -> Any:
+            # Terraform's plugin client ends its use of an attached provider so; others may come.
+            return grpc_controller_pb2.Empty()
+
+    class Stdio(grpc_stdio_pb2_grpc.GRPCStdioServicer):  # type: ignore[misc]
+        def StreamStdio(self, request: Any, context: Any) -> Any:
+            return iter(())
+
+    # One thread per call in flight: creates hold theirs for a whole boot, and a create that
+    # waits for a delete to go first must never hold the thread that delete needs.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVE_THREADS))
+    tfplugin_pb2_grpc.add_ProviderServicer_to_server(Servicer(PipelineProvider()), server)
+    grpc_controller_pb2_grpc.add_GRPCControllerServicer_to_server(Controller(), server)
+    grpc_stdio_pb2_grpc.add_GRPCStdioServicer_to_server(Stdio(), server)
+    folder = tempfile.mkdtemp(prefix="pipeline-provider-")
+    socket_path = os.path.join(folder, "provider.sock")
+    try:
+        server.add_insecure_port(f"unix://{socket_path}")
+        server.start()
+        log.info("provider serving on %s", socket_path)
+        print(json.dumps({"socket": socket_path, "pid": os.getpid(), "protocol": 6}), flush=True)
+        watcher = threading.Thread(target=_until_stdin_ends, name="stdin", daemon=True)
+        watcher.start()
+        while not _stopping.wait(0.2) and watcher.is_alive():
+            pass
+        # Calls in flight (creates whose VMs were just stopped) end with their own errors.
+        server.stop(grace=5.0).wait()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _until_stdin_ends() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while sys.stdin.buffer.read(4096):
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the provider to Terraform over the plugin protocol (`--serve`: to the pipeline)."""
+    args = sys.argv if argv is None else argv
     _setup_logging()
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     log.info("provider starting (python %s)", sys.executable)
-    with contextlib.suppress(ValueError):
-        _deletes_first.update(json.loads(os.environ.get(DELETES_FIRST_ENV) or "[]"))
     try:
-        runner.run_provider(PipelineProvider(), sys.argv)
+        if SERVE_FLAG in args[1:]:
+            serve()
+        else:
+            runner.run_provider(PipelineProvider(), args)
     finally:
         # The serving loop ends on Terraform's StopProvider too (an interrupt): a create still
         # waiting at that point has lost its caller.
