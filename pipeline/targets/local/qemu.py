@@ -370,6 +370,9 @@ def _start(
         argv = [
             QEMU, *accel, "-name", f"pipeline-{name}",
             "-m", str(memory), "-smp", str(cpus),
+            # Only the devices named here: no VGA card, parallel port, floppy or CD-ROM drive,
+            # whose drivers the guest would load at every boot (about 1 s of emulated CPU).
+            "-nodefaults",
             "-display", "none", "-monitor", "none", "-daemonize", "-pidfile", str(pidfile),
             "-serial", f"file:{serial_log}",
             "-drive", f"file={overlay},if=virtio,format=qcow2",
