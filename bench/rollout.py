@@ -146,7 +146,7 @@ def main() -> int:
             f"one instance: boot + health check {one:.1f} s (provider {boot:.1f} s, the median"
             f" of {samples} s, two before the update and one after; + gate {gate:.1f} s)"
         )
-        print(f"rolling update: {seconds:.1f} s; ratio {ratio:.2f} (goal <= 1.2)")
+        print(f"rolling update: {seconds:.1f} s; ratio {ratio:.3f} (goal <= 1.2)")
         print(f"front door probe: {probe.ok} answered, {probe.failed} failed (goal 0)")
         return 0 if ratio <= 1.2 and probe.failed == 0 else 1
     finally:

@@ -377,7 +377,7 @@ def test_a_served_provider_that_dies_leaves_terraform_to_start_its_own(
 
     assert [c.action for c in plan.changes] == ["create"]
     assert len(provider_starts(fleet)) > 1
-    assert "provider is not serving" in caplog.text
+    assert "provider the pipeline started is not serving (it exited with code -9" in caplog.text
     assert "Terraform starts its own from now on" in caplog.text
 
 

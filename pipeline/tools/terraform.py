@@ -18,9 +18,9 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -380,10 +380,10 @@ class _ServedProvider:
     def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
         self._lock = threading.Lock()
         self._attach: str | None = None
-        self._socket = ""
         self._gone = False
-        package = str(_package_root())
-        extra = {**env, "PYTHONPATH": package}
+        # This copy of the pipeline first, as the plugin script puts it.
+        paths = [str(_package_root()), os.environ.get("PYTHONPATH", "")]
+        extra = {**env, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
         with log_path.open("a", encoding="utf-8") as stderr:
             self.proc = subprocess.Popen(
                 argv,
@@ -402,15 +402,16 @@ class _ServedProvider:
                 return None
             if self._attach is None:
                 self._attach = self._handshake()
-            elif self.proc.poll() is not None or not self._answers():
-                # A process being killed has its socket closed before it can be waited for.
+            elif self.proc.poll() is not None:
                 self._attach = None
             if self._attach is None:
                 self._gone = True
+                code = self.proc.poll()
+                why = f"it exited with code {code}" if code is not None else "it did not answer"
                 log.warning(
-                    "the pipeline's Terraform provider is not serving (exit code %s, see %s);"
+                    "the Terraform provider the pipeline started is not serving (%s; see %s):"
                     " Terraform starts its own from now on",
-                    self.proc.poll(),
+                    why,
                     self.log_path,
                 )
             return self._attach
@@ -421,27 +422,17 @@ class _ServedProvider:
         line = self.proc.stdout.readline() if ready else b""
         try:
             said = json.loads(line)
-            self._socket = str(said["socket"])
             address = {
                 "Protocol": "grpc",
                 "ProtocolVersion": int(said["protocol"]),
                 "Pid": int(said["pid"]),
                 # Terraform leaves the process running when it is done (it is ours to stop).
                 "Test": True,
-                "Addr": {"Network": "unix", "String": self._socket},
+                "Addr": {"Network": "unix", "String": str(said["socket"])},
             }
         except (ValueError, KeyError, TypeError):
             return None
         return json.dumps({name: address for name in PROVIDER_ADDRESSES})
-
-    def _answers(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(SERVE_START_TIMEOUT)
-            try:
-                probe.connect(self._socket)
-            except OSError:
-                return False
-        return True
 
     def close(self) -> None:
         """End the provider: close its stdin, and kill it if it does not go."""
