@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import MissingTool, ToolError
+from pipeline.errors import DeployFailed, MissingTool, ToolError
 from pipeline.render import render
 from pipeline.stages.fleet import moved_blocks
 from pipeline.targets.local import qemu
@@ -377,8 +377,50 @@ def test_a_served_provider_that_dies_leaves_terraform_to_start_its_own(
 
     assert [c.action for c in plan.changes] == ["create"]
     assert len(provider_starts(fleet)) > 1
-    assert "provider the pipeline started is not serving (it exited with code -9" in caplog.text
+    # The killed provider could not remove its socket's folder; the pipeline did.
+    assert not Path(served_socket(fleet)).parent.exists()
+    assert "the Terraform provider the pipeline started was killed by signal 9" in caplog.text
     assert "Terraform starts its own from now on" in caplog.text
+
+
+def served_socket(fleet: Fleet) -> str:
+    text = (fleet.log_dir / tfmod.PROVIDER_LOG_NAME).read_text(encoding="utf-8")
+    [path] = re.findall(r"INFO provider serving on (\S+)", text)
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_served_provider_stopped_by_a_signal_exits_cleanly(
+    tmp_path: Path, state_dir: Path, signum: int
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+
+    with fleet.tf.serving():
+        fleet.tf.env()
+        [pid] = provider_starts(fleet)
+        os.kill(pid, signum)
+        deadline = time.monotonic() + 30
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(pid)
+
+    text = (fleet.log_dir / tfmod.PROVIDER_LOG_NAME).read_text(encoding="utf-8")
+    assert text.rstrip().endswith("INFO provider stopped"), text[-2000:]
+    assert "Fatal Python error" not in text
+
+
+def test_an_unwritable_deletes_first_file_stops_the_apply_with_its_name(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    fleet = make_fleet(tmp_path, state_dir)
+    listed = fleet.tf.workdir / tfmod.DELETES_FIRST_NAME
+    listed.mkdir()
+    plan = tfmod.Plan(path=fleet.tf.workdir / "none.tfplan", changes=[], drift=[], outputs={})
+
+    with pytest.raises(DeployFailed, match=f"cannot write {re.escape(str(listed))}: "):
+        fleet.tf.apply(plan)
+
+    assert sorted(p.name for p in fleet.tf.workdir.iterdir()) == [listed.name, "main.tf"]
 
 
 SERVING_SCRIPT = """

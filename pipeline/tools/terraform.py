@@ -23,6 +23,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.errors import MissingTool, ToolError
+from pipeline.errors import DeployFailed, MissingTool, ToolError
 from pipeline.files import write_text_atomic
 from pipeline.tools.process import Completed, command_env, run
 
@@ -164,7 +165,11 @@ class Terraform:
         first = sorted(str(name) for name in deletes) if creates else []
         # Named by this apply, so that a provider serving several commands takes it once.
         listed = {"apply": uuid.uuid4().hex, "names": first}
-        write_text_atomic(self.workdir / DELETES_FIRST_NAME, json.dumps(listed) + "\n")
+        path = self.workdir / DELETES_FIRST_NAME
+        try:
+            write_text_atomic(path, json.dumps(listed) + "\n")
+        except OSError as exc:
+            raise DeployFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
         parallelism = max(PARALLELISM, len(plan.changes))
         argv = ["apply", *self._common(vars=False), f"-parallelism={parallelism}", str(plan.path)]
         self._run(argv, what="terraform apply")
@@ -286,9 +291,21 @@ class Terraform:
         self, args: Sequence[str], *, what: str, extra_env: Mapping[str, str] | None = None
     ) -> Completed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_dir / f"terraform-{next(self._counter):02d}-{args[0]}.log"
+        output = self.log_dir / f"terraform-{next(self._counter):02d}-{args[0]}.log"
         env = {**self.env(), **(extra_env or {})}
-        return run([*self.command, *args], what=what, log=log, cwd=self.workdir, env=env)
+        try:
+            return run([*self.command, *args], what=what, log=output, cwd=self.workdir, env=env)
+        except ToolError:
+            served = self._served
+            if served is not None and REATTACH_ENV in env and served.proc.poll() is not None:
+                # Terraform says only that its plugin stopped answering: say which, and why.
+                log.warning(
+                    "%s: the Terraform provider the pipeline started %s (see %s)",
+                    what,
+                    served.ended(),
+                    served.log_path,
+                )
+            raise
 
 
 def read_state_file(path: Path) -> list[dict[str, Any]] | None:
@@ -381,12 +398,14 @@ class _ServedProvider:
         self._lock = threading.Lock()
         self._attach: str | None = None
         self._gone = False
+        # The socket's folder is the pipeline's to remove: a provider that is killed cannot.
+        self.folder = tempfile.mkdtemp(prefix="pipeline-provider-")
         # This copy of the pipeline first, as the plugin script puts it.
         paths = [str(_package_root()), os.environ.get("PYTHONPATH", "")]
         extra = {**env, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
         with log_path.open("a", encoding="utf-8") as stderr:
             self.proc = subprocess.Popen(
-                argv,
+                [*argv, self.folder],
                 env=command_env(extra),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -406,15 +425,25 @@ class _ServedProvider:
                 self._attach = None
             if self._attach is None:
                 self._gone = True
-                code = self.proc.poll()
-                why = f"it exited with code {code}" if code is not None else "it did not answer"
                 log.warning(
-                    "the Terraform provider the pipeline started is not serving (%s; see %s):"
-                    " Terraform starts its own from now on",
-                    why,
+                    "the Terraform provider the pipeline started %s (see %s): Terraform starts"
+                    " its own from now on",
+                    self.ended(),
                     self.log_path,
                 )
             return self._attach
+
+    def ended(self) -> str:
+        """How the provider stopped serving, in words."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # One that printed no address is likely on its way out: let it say how.
+            self.proc.wait(timeout=2)
+        code = self.proc.returncode
+        if code is None:
+            return "does not answer"
+        if code < 0:
+            return f"was killed by signal {-code}"
+        return f"exited with code {code}"
 
     def _handshake(self) -> str | None:
         assert self.proc.stdout is not None
@@ -445,6 +474,7 @@ class _ServedProvider:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def write_plugin(plugin_dir: Path) -> Path:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -92,7 +91,8 @@ _deletes_first: set[str] = set()
 _deletes_apply: list[str] = []
 _deletes_done = threading.Condition()
 DELETES_FIRST_WAIT = 60.0
-# gRPC threads of a serving provider: every instance of a blue/green fleet at once, twice over.
+# gRPC threads of a serving provider: a blue/green switch of the largest fleet (32 instances)
+# creates and deletes them all at once, each call holding a thread, with room to spare.
 SERVE_THREADS = 80
 
 
@@ -425,8 +425,9 @@ def _on_signal(signum: int, _frame: Any) -> None:
     _stop_inflight(f"signal {signum} received")
 
 
-def serve() -> None:
-    """Serve the provider on a Unix socket for every Terraform command that attaches to it.
+def serve(folder: str) -> None:
+    """Serve the provider on a Unix socket in `folder` for every Terraform command that
+    attaches to it.
 
     Prints one JSON line on stdout (the socket, this pid, the protocol version) once it serves.
     It stops when stdin reaches its end (the pipeline is done, or died), when Terraform sends
@@ -465,7 +466,6 @@ def serve() -> None:
     tfplugin_pb2_grpc.add_ProviderServicer_to_server(Servicer(PipelineProvider()), server)
     grpc_controller_pb2_grpc.add_GRPCControllerServicer_to_server(Controller(), server)
     grpc_stdio_pb2_grpc.add_GRPCStdioServicer_to_server(Stdio(), server)
-    folder = tempfile.mkdtemp(prefix="pipeline-provider-")
     socket_path = os.path.join(folder, "provider.sock")
     try:
         server.add_insecure_port(f"unix://{socket_path}")
@@ -479,12 +479,15 @@ def serve() -> None:
         # Calls in flight (creates whose VMs were just stopped) end with their own errors.
         server.stop(grace=5.0).wait()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
 
 
 def _until_stdin_ends() -> None:
-    with contextlib.suppress(OSError, ValueError):
-        while sys.stdin.buffer.read(4096):
+    # The file descriptor itself, not sys.stdin: a thread blocked inside a buffered reader at
+    # interpreter shutdown holds its lock, and Python aborts ("could not acquire lock").
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
             pass
 
 
@@ -497,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     log.info("provider starting (python %s)", sys.executable)
     try:
         if SERVE_FLAG in args[1:]:
-            serve()
+            # The folder for the socket comes next (the pipeline makes it and removes it).
+            after = args[args.index(SERVE_FLAG) + 1 :]
+            serve(after[0] if after else tempfile.mkdtemp(prefix="pipeline-provider-"))
         else:
             runner.run_provider(PipelineProvider(), args)
     finally:
