@@ -32,6 +32,7 @@ from pipeline.render import render
 from pipeline.stages.fleet import moved_blocks
 from pipeline.targets.local import qemu
 from pipeline.targets.local.baseimage import BaseImage
+from pipeline.tools import process
 from pipeline.tools import terraform as tfmod
 from pipeline.tools.terraform import Terraform
 
@@ -329,11 +330,10 @@ def gone(pid: int) -> bool:
     """Whether process `pid` has ended: a zombie counts, once no thread of it runs any more
     (its first thread is a zombie while the others still close its files)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
         threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
     except OSError:
         return True
-    return state in ("Z", "X") and threads <= 1
+    return process.start_ticks(pid) is None and threads <= 1
 
 
 def test_a_served_provider_answers_every_command_and_ends_with_them(
@@ -454,6 +454,8 @@ def test_a_served_provider_ends_when_the_pipeline_is_killed(tmp_path: Path) -> N
         while not gone(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert gone(pid)
+        [socket_path] = re.findall(r"INFO provider serving on (\S+)", log)
+        assert not Path(socket_path).parent.exists()
     finally:
         pipeline.kill()
         pipeline.wait()

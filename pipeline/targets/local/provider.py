@@ -472,15 +472,18 @@ def serve(folder: str) -> None:
         server.start()
         log.info("provider serving on %s", socket_path)
         print(json.dumps({"socket": socket_path, "pid": os.getpid(), "protocol": 6}), flush=True)
-        watcher = threading.Thread(target=_until_stdin_ends, name="stdin", daemon=True)
-        watcher.start()
-        while not _stopping.wait(0.2) and watcher.is_alive():
+        threading.Thread(target=_until_stdin_ends, name="stdin", daemon=True).start()
+        # Set by the end of stdin, by StopProvider or by a signal, whichever comes first.
+        while not _stopping.wait(1.0):
             pass
         # Calls in flight (creates whose VMs were just stopped) end with their own errors.
         server.stop(grace=5.0).wait()
     finally:
+        # The folder too, once empty: the pipeline removes it as well, unless it was killed.
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _until_stdin_ends() -> None:
@@ -489,6 +492,9 @@ def _until_stdin_ends() -> None:
     with contextlib.suppress(OSError):
         while os.read(0, 4096):
             pass
+    # The pipeline is done with the provider, or died: a create still waiting has lost its
+    # caller, as when the serving ends any other way.
+    _stopping.set()
 
 
 def main(argv: list[str] | None = None) -> None:
