@@ -304,7 +304,7 @@ def test_killed_in_each_long_step_the_next_run_finds_and_finishes(
     _cell(
         project, crash_matrix, "Terraform apply", ("deploy", "dev"),
         at=lambda: any("/vms/web-dev-" in line for line in project.vm_processes()),
-        next_run=lambda: project.pipeline("deploy", "dev"),
+        next_run=lambda: _deploy_after_a_killed_deploy(project),
         expect=_unchanged,
         hows=("INT", "TERM", "KILL"),
     )  # fmt: skip
@@ -328,6 +328,17 @@ def test_killed_in_each_long_step_the_next_run_finds_and_finishes(
     _between_the_stages_of_a_run(project, crash_matrix)
     project.pipeline("destroy", "dev")
     assert project.vm_processes() == []
+
+
+def _deploy_after_a_killed_deploy(project: Project) -> None:
+    """The killed deploy's rollout says running in its record; nothing runs it any more."""
+    status, _ = project.run_json("status", "dev")
+    assert status["last_rollout"]["result"] == "dead", status["last_rollout"]
+
+    project.pipeline("deploy", "dev")
+
+    record = json.loads((project.root / ".pipeline/envs/dev/record.json").read_text())
+    assert [r["result"] for r in record["rollouts"][:3]] == ["done", "dead", "interrupted"]
 
 
 def _between_the_stages_of_a_run(project: Project, matrix: Matrix) -> None:

@@ -325,6 +325,25 @@ def test_a_scaled_size_ends_for_good_when_the_configured_count_changes(tmp_path:
     assert record(2).size() == 2
 
 
+def test_a_rollout_left_running_by_a_dead_run_is_shown_and_then_recorded_dead(
+    tmp_path: Any,
+) -> None:
+    environment = EnvironmentConfig(name="dev", image="web", channel="dev", instances=1)
+    config = SimpleNamespace(state_dir=tmp_path)
+    record = rollout.Record(config, environment)  # type: ignore[arg-type]
+    record.start("b1", "rolling", "1.0.1", ["1.0.0"])  # and the run is killed
+
+    record = rollout.Record(config, environment)  # type: ignore[arg-type]
+    assert record.last_seen(busy=True)["result"] == "running"  # type: ignore[index]
+    assert record.last_seen(busy=False)["result"] == "dead"  # type: ignore[index]
+    assert record.last["result"] == "running"  # type: ignore[index]  # status changes nothing
+
+    assert record.end_dead() is not None  # the next run, holding the lock
+    assert record.end_dead() is None
+    last = rollout.Record(config, environment).last  # type: ignore[arg-type]
+    assert last is not None and last["result"] == "dead" and "finished" in last
+
+
 def test_waves_from_an_empty_fleet_are_one_and_replacements_go_by_surge() -> None:
     assert rollout.waves(4, 0, 2, 0) == [(0, 4, 0)]
     assert rollout.waves(4, 4, 2, 0) == [(0, 2, 2), (0, 2, 2)]

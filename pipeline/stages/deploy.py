@@ -481,7 +481,7 @@ def status(config: Config, environment: EnvironmentConfig, *, registry: Registry
         "front_door": door.url if door is not None and door_running else None,
         "instances": instances,
         "kept": record.kept,
-        "last_rollout": record.last,
+        "last_rollout": record.last_seen(busy=bool(busy)),
         "drift": drift,
         "warnings": warnings,
     }
@@ -499,6 +499,9 @@ def _opened(
     with fleet.tf.serving():
         fleet.render()
         record = rollout.Record(config, environment)
+        dead = record.end_dead()
+        if dead:
+            log.warning("the last rollout, to %s, did not finish: %s", dead["to"], rollout.DIED)
         _finish_kept(fleet, record, log, action)
         yield fleet, record, log
 

@@ -269,6 +269,10 @@ def _index_order(name: str) -> tuple[str, int]:
 # -- the environment's record -------------------------------------------------------------------
 
 
+# Why a rollout that says running is not: the lock its run held was released by the kernel.
+DIED = "its run died before the rollout finished (killed?)"
+
+
 class Record:
     """What the pipeline remembers of an environment: its scaled size, a kept old fleet,
     and its recent rollouts with their outcome."""
@@ -346,6 +350,23 @@ class Record:
     def last(self) -> dict[str, Any] | None:
         rollouts = self.data.get("rollouts") or []
         return rollouts[0] if rollouts else None
+
+    def last_seen(self, *, busy: bool) -> dict[str, Any] | None:
+        """The last rollout as it stands: one that says running while no run holds the
+        environment's lock was left so by a run that died."""
+        last = self.last
+        if last and last.get("result") == "running" and not busy:
+            return {**last, "result": "dead", "reason": DIED}
+        return last
+
+    def end_dead(self) -> dict[str, Any] | None:
+        """Record as dead a last rollout that still says running. Only for a run that holds
+        the environment's lock: the run that started that rollout is then gone."""
+        last = self.last
+        if not last or last.get("result") != "running":
+            return None
+        self.finish(last, "dead", DIED)
+        return last
 
 
 __all__ = ["GateFailed", "Moves", "Record", "blue_green", "roll_back", "rolling", "waves"]
