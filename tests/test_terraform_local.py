@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -358,6 +359,28 @@ def test_a_served_provider_answers_every_command_and_ends_with_them(
     assert provider_starts(fleet) == before + served
     assert gone(pid)
     assert tfmod.REATTACH_ENV not in fleet.tf.env()
+
+
+def test_a_temporary_directory_too_long_for_a_socket_leaves_both_providers_working(
+    tmp_path: Path, fake_image: BaseImage, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both providers listen on a Unix socket in a folder of the temporary directory, and a
+    socket's path holds at most 107 bytes."""
+    fleet = make_fleet(tmp_path, state_dir, size=1)
+    variables = fleet.vars(fake_image, "1.0.0", "b100")
+    long = tmp_path / ("t" * (100 - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(long)
+
+    own = fleet.tf.plan(variables)
+    with fleet.tf.serving():
+        served = fleet.tf.plan(variables)
+
+    assert [short(c.name) for c in own.changes] == ["web-test-b100-0"]
+    assert served.changes == own.changes
+    assert list(long.iterdir()) == []
 
 
 def test_a_served_provider_that_dies_leaves_terraform_to_start_its_own(

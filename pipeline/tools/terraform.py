@@ -65,6 +65,11 @@ PROVIDER_ADDRESSES = (
     "registry.opentofu.org/local/pipeline",
 )
 SERVE_START_TIMEOUT = 30.0
+# The provider listens on a Unix socket in a folder of its own under the temporary directory:
+# `<tmp>/pipeline-provider-XXXXXXXX/provider.sock` served, `<tmp>/tmpXXXXXXXX/py-tf-plugin.sock`
+# started by Terraform. A socket's path holds at most 107 bytes.
+SOCKET_PATH_MAX = 107
+SOCKET_FOLDER_ROOM = 48
 SERVE_STOP_TIMEOUT = 15.0
 # Terraform's default; an apply that changes more runs them all at once, so that no create
 # waiting for a delete to go first holds a slot the delete needs.
@@ -252,10 +257,13 @@ class Terraform:
 
     def provider_env(self) -> dict[str, str]:
         """What the provider reads from its environment, however it is started."""
-        return {
+        env = {
             "PIPELINE_PROVIDER_LOG": str(self.log_dir / PROVIDER_LOG_NAME),
             DELETES_FIRST_ENV: str(self.workdir / DELETES_FIRST_NAME),
         }
+        if socket_tmpdir() != tempfile.gettempdir():
+            env["TMPDIR"] = socket_tmpdir()
+        return env
 
     def cli_config(self) -> Path:
         """Write the CLI configuration and the provider's plugin script; return the config."""
@@ -386,6 +394,14 @@ def _provider_command() -> list[str]:
     return [sys.executable, "-m", PROVIDER_MODULE]
 
 
+def socket_tmpdir() -> str:
+    """The temporary directory, or /tmp where a provider's socket would not fit under it."""
+    tmp = tempfile.gettempdir()
+    if len(os.fsencode(tmp)) + SOCKET_FOLDER_ROOM <= SOCKET_PATH_MAX:
+        return tmp
+    return "/tmp"
+
+
 class _ServedProvider:
     """The provider serving every Terraform command of one `Terraform.serving()`.
 
@@ -399,7 +415,7 @@ class _ServedProvider:
         self._attach: str | None = None
         self._gone = False
         # The socket's folder is the pipeline's to remove: a provider that is killed cannot.
-        self.folder = tempfile.mkdtemp(prefix="pipeline-provider-")
+        self.folder = tempfile.mkdtemp(prefix="pipeline-provider-", dir=socket_tmpdir())
         # This copy of the pipeline first, as the plugin script puts it.
         paths = [str(_package_root()), os.environ.get("PYTHONPATH", "")]
         extra = {**env, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
