@@ -333,6 +333,8 @@ def test_a_plan_and_its_json_hold_no_secret(project: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bake"]["rebuild"] is True
     assert [s for s in SECRETS if s in done.stdout + done.stderr] == []
+    # Terraform's logs of the dry run are kept, for a plan that failed, and hold none either.
+    assert list((project / ".pipeline/logs/plan/dev").glob("terraform-*-plan.log"))
     assert _files_holding(project / ".pipeline", *SECRETS) == []
 
 

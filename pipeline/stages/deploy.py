@@ -34,6 +34,7 @@ from pipeline.stages.fleet import (
     environment_vms,
     existing_front_door,
     host_vars,
+    plan_logs,
     reap_orphans,
     terraform_for,
     vm_running,
@@ -281,6 +282,7 @@ def plan(
     log = context(environment.name, "plan")
     record = rollout.Record(config, environment)
     size = record.size()
+    shutil.rmtree(plan_logs(config, environment), ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="pipeline-plan-") as tmp:
         fleet = Fleet(config, environment, run=None, log=log, terraform_dir=Path(tmp))
         real = workdir(config, environment)

@@ -115,6 +115,11 @@ def configuration(config: Config, environment: EnvironmentConfig) -> str:
     )
 
 
+def plan_logs(config: Config, environment: EnvironmentConfig) -> Path:
+    """Where the last dry run of `environment` keeps the logs of Terraform and its provider."""
+    return config.state_dir / "logs" / "plan" / environment.name
+
+
 class Fleet:
     """One environment's members (as Terraform holds them) and its front door."""
 
@@ -134,7 +139,8 @@ class Fleet:
         self.log = log
         self.image = config.image(environment.image)
         folder = terraform_dir or workdir(config, environment)
-        log_dir = run.dir / "logs" if run is not None else folder / "logs"
+        # A dry run's logs outlive its temporary folder, until the environment's next one.
+        log_dir = run.dir / "logs" if run is not None else plan_logs(config, environment)
         self.tf = terraform_for(config, environment, log_dir, folder=folder)
         self.members: dict[str, Member] = {}
         self.state: dict[str, dict[str, Any]] = {}
