@@ -491,20 +491,19 @@ def test_the_provider_takes_an_applys_deletes_first_once(
 
     listed = tmp_path / tfmod.DELETES_FIRST_NAME
     monkeypatch.setenv(tfmod.DELETES_FIRST_ENV, str(listed))
-    monkeypatch.setattr(provider, "_deletes_first", set())
-    monkeypatch.setattr(provider, "_deletes_apply", [])
+    deletes = provider.DeletesFirst()
 
     listed.write_text(json.dumps({"apply": "a", "names": ["old-0", "old-1"]}))
-    provider._load_deletes_first()
-    assert provider._deletes_first == {"old-0", "old-1"}
-    provider._deleted("old-0")
+    deletes.load()
+    assert deletes.names == {"old-0", "old-1"}
+    deletes.deleted("old-0")
     # Another command of the same apply (or a plan between) configures the provider again.
-    provider._load_deletes_first()
-    assert provider._deletes_first == {"old-1"}
+    deletes.load()
+    assert deletes.names == {"old-1"}
     listed.write_text(json.dumps({"apply": "b", "names": []}))
-    provider._load_deletes_first()
-    assert provider._deletes_first == set()
-    assert provider._wait_for_deletes("new-0")
+    deletes.load()
+    assert deletes.names == set()
+    assert deletes.wait("new-0")
 
 
 def state_with(fleet: Fleet, image: BaseImage, *, schema_version: int = 1) -> dict[str, Any]:

@@ -82,14 +82,6 @@ _stopping = threading.Event()
 # stop, since Terraform will not record them.
 _inflight: dict[str, qemu.VmRecord] = {}
 _inflight_lock = threading.Lock()
-# Instances an apply deletes before it boots anything (named by the pipeline in the file
-# DELETES_FIRST_ENV points at): Terraform runs the deletes and creates of one apply side by side,
-# and the leaving instances must make room first, or the fleet would briefly hold more than
-# max_surge extra. Each create waits until these deletes have returned (they take well under a
-# second). The file names its apply: a serving provider takes a new list only from a new apply.
-_deletes_first: set[str] = set()
-_deletes_apply: list[str] = []
-_deletes_done = threading.Condition()
 DELETES_FIRST_WAIT = 60.0
 # gRPC threads of a serving provider: a blue/green switch of the largest fleet (32 instances)
 # creates and deletes them all at once, each call holding a thread, with room to spare.
@@ -160,10 +152,10 @@ class Instance(Resource):
         """Boot the VM and wait until it is healthy; on any failure stop it and report why."""
         name = planned["name"]
         spec = {key: _value(planned, key) for key in DEFAULTS}
-        if not _wait_for_deletes(name):
+        if not _deletes_first.wait(name):
             ctx.diagnostics.add_error(
                 f"{name}: not booted",
-                f"the instances leaving before it ({', '.join(sorted(_deletes_first))}) were not"
+                f"the instances leaving before it ({_deletes_first.leaving()}) were not"
                 f" deleted within {DELETES_FIRST_WAIT:.0f} s",
             )
             return None
@@ -247,7 +239,7 @@ class Instance(Resource):
         record = _find(current)
         if record is None:
             log.info("delete %s: no record left, nothing to stop", name)
-            _deleted(name)
+            _deletes_first.deleted(name)
             return None
         log.info("delete %s: stopping pid %s", name, record.pid)
         try:
@@ -257,7 +249,7 @@ class Instance(Resource):
             ctx.diagnostics.add_error(f"{name}: the VM could not be stopped", str(exc))
             return None
         finally:
-            _deleted(name)
+            _deletes_first.deleted(name)
         log.info("delete %s: stopped", name)
         return None
 
@@ -280,7 +272,7 @@ class PipelineProvider(Provider):
     def configure_provider(self, diags: Diagnostics, config: Config) -> None:
         # Every command configures the provider before it touches a resource: an apply's
         # deletes that go first are known by then.
-        _load_deletes_first()
+        _deletes_first.load()
         return None
 
     def get_data_sources(self) -> list[Any]:
@@ -348,40 +340,57 @@ def _plain(line: str) -> str:
     return ANSI_ESCAPE.sub("", line)
 
 
-def _wait_for_deletes(name: str) -> bool:
-    """Wait until this apply's deletes that go first have returned; False if they never do."""
-    with _deletes_done:
-        if _deletes_first:
-            leaving = ", ".join(sorted(_deletes_first))
-            log.info("create %s: waiting for %s to go first", name, leaving)
-        return _deletes_done.wait_for(
-            lambda: not _deletes_first or _stopping.is_set(), timeout=DELETES_FIRST_WAIT
-        )
+class DeletesFirst:
+    """Instances an apply deletes before it boots anything, named by the pipeline in the file
+    DELETES_FIRST_ENV points at.
 
+    Terraform runs the deletes and creates of one apply side by side, and the leaving instances
+    must make room first, or the fleet would briefly hold more than max_surge extra. Each create
+    waits until these deletes have returned (they take well under a second). The file names its
+    apply: a serving provider takes a new list only from a new apply.
+    """
 
-def _load_deletes_first() -> None:
-    """Take the list of deletes that go first, if the pipeline wrote one for a new apply."""
-    path = os.environ.get(DELETES_FIRST_ENV)
-    if not path:
-        return
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        apply, names = str(data["apply"]), [str(name) for name in data["names"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    with _deletes_done:
-        if _deletes_apply and _deletes_apply[0] == apply:
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.apply: str | None = None
+        self.changed = threading.Condition()
+
+    def load(self) -> None:
+        """Take the list, if the pipeline wrote one for a new apply."""
+        path = os.environ.get(DELETES_FIRST_ENV)
+        if not path:
             return
-        _deletes_apply[:] = [apply]
-        _deletes_first.clear()
-        _deletes_first.update(names)
-        _deletes_done.notify_all()
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            apply, names = str(data["apply"]), [str(name) for name in data["names"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        with self.changed:
+            if self.apply == apply:
+                return
+            self.apply = apply
+            self.names = set(names)
+            self.changed.notify_all()
+
+    def deleted(self, name: str) -> None:
+        with self.changed:
+            self.names.discard(name)
+            self.changed.notify_all()
+
+    def wait(self, name: str) -> bool:
+        """Wait until they have all been deleted; False if they never are."""
+        with self.changed:
+            if self.names:
+                log.info("create %s: waiting for %s to go first", name, self.leaving())
+            return self.changed.wait_for(
+                lambda: not self.names or _stopping.is_set(), timeout=DELETES_FIRST_WAIT
+            )
+
+    def leaving(self) -> str:
+        return ", ".join(sorted(self.names))
 
 
-def _deleted(name: str) -> None:
-    with _deletes_done:
-        _deletes_first.discard(name)
-        _deletes_done.notify_all()
+_deletes_first = DeletesFirst()
 
 
 def _stop_quietly(record: qemu.VmRecord) -> None:
