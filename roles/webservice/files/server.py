@@ -238,9 +238,9 @@ class Service:
             except Exception as error:  # a bug must cost one answer, not one of the threads
                 status, content_type, body = 500, "text/plain", "internal error\n"
                 self.say(f"{peer[0]} {method} {path}: {error!r}")
-            respond(connection, status, content_type, body, head_only=method == "HEAD")
             if status >= 400 and path != "/healthz":
                 self.say(f"{peer[0]} {method} {path} {status}")
+            respond(connection, status, content_type, body, head_only=method == "HEAD")
             connection.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the client went away or stayed silent; there is no one left to answer
