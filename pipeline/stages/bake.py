@@ -214,7 +214,9 @@ def gather_inputs(config: Config, image: ImageConfig, *, run: Run, registry: Reg
 
     if image.parent is not None:
         base_version = parent_version(registry, image)
-        base = _image_as_base(base_version)
+        base = baseimage.baked(
+            Path(base_version.path), base_version.manifest, base_version.fingerprint
+        )
         base_part = str(base_version.manifest.get("disk_sha256") or base_version.fingerprint)
     else:
         spec = baseimage.BaseSpec(suite=image.base.suite, packages=image.base.packages)
@@ -419,21 +421,6 @@ def parent_version(registry: Registry, image: ImageConfig) -> ImageVersion:
         message = f"{image.name} is built on {found.label}, but {problem}"
         raise UsageError(f"{message}; bake {image.parent} again")
     return found
-
-
-def _image_as_base(version: ImageVersion) -> baseimage.BaseImage:
-    """A baked image seen as the base of another: its disk, and the kernel kept beside it."""
-    folder = Path(version.path)
-    boot = version.manifest.get("boot", {})
-    return baseimage.BaseImage(
-        dir=folder,
-        disk=folder / "disk.qcow2",
-        kernel=folder / boot.get("kernel", "vmlinuz"),
-        initrd=folder / boot.get("initrd", "initrd.img"),
-        fingerprint=version.fingerprint,
-        append=boot.get("append", baseimage.APPEND),
-        manifest=version.manifest,
-    )
 
 
 def register_base(

@@ -38,6 +38,7 @@ from pipeline.files import write_text_atomic
 from pipeline.registry import ImageVersion
 from pipeline.runs import Run
 from pipeline.targets.local import qemu
+from pipeline.targets.local.baseimage import baked
 from pipeline.targets.local.frontdoor import FrontDoor, HealthCheck
 from pipeline.tools.terraform import Plan, Terraform
 
@@ -179,19 +180,17 @@ class Fleet:
 
     def member(self, version: ImageVersion, index: int) -> Member:
         """The member at `index` of a fleet on `version`."""
-        folder = Path(version.path)
-        boot = version.manifest.get("boot", {})
-        append = str(boot.get("append", ""))
-        settings = settings_hash(self.config, self.environment, append)
+        files = baked(Path(version.path), version.manifest, version.fingerprint)
+        settings = settings_hash(self.config, self.environment, files.append)
         name = f"{self.image.name}-{self.environment.name}-{version.build_id}-{settings}-{index}"
         return Member(
             name=name,
             version=version.version,
             build_id=version.build_id,
-            image_path=str(folder / "disk.qcow2"),
-            kernel=str(folder / boot.get("kernel", "vmlinuz")),
-            initrd=str(folder / boot.get("initrd", "initrd.img")),
-            append=append,
+            image_path=str(files.disk),
+            kernel=str(files.kernel),
+            initrd=str(files.initrd),
+            append=files.append,
         )
 
     def new_members(self, version: ImageVersion, count: int) -> list[Member]:

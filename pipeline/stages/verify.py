@@ -154,7 +154,9 @@ def _molecule_env(
         **({"ANSIBLE_VAULT_PASSWORD_FILE": str(vault)} if vault is not None else {}),
         "PIPELINE_INSTANCE": instance_name(version, run),
         "PIPELINE_IMAGE_DIR": version.path,
-        "PIPELINE_APPEND": manifest.get("boot", {}).get("append", baseimage.APPEND),
+        "PIPELINE_APPEND": baseimage.baked(
+            Path(version.path), manifest, version.fingerprint
+        ).append,
         "PIPELINE_VM_ROOT": str(config.state_dir / "vms"),
         "PIPELINE_STATE_DIR": str(config.state_dir),
         "PIPELINE_SSH_KEY": str(baseimage.ssh_key(config.state_dir)),

@@ -127,6 +127,21 @@ class BaseImage:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+def baked(folder: Path, manifest: dict[str, Any], fingerprint: str) -> BaseImage:
+    """A baked image's files as the pipeline boots them: its disk, and the kernel, initrd and
+    command line its manifest keeps under "boot"."""
+    boot = manifest.get("boot") or {}
+    return BaseImage(
+        dir=folder,
+        disk=folder / "disk.qcow2",
+        kernel=folder / str(boot.get("kernel", "vmlinuz")),
+        initrd=folder / str(boot.get("initrd", "initrd.img")),
+        fingerprint=fingerprint,
+        append=str(boot.get("append", APPEND)),
+        manifest=manifest,
+    )
+
+
 def ssh_key(state_dir: Path) -> Path:
     """The pipeline's private SSH key (ed25519), created once under `state_dir/keys/`."""
     keys = state_dir / "keys"
