@@ -31,6 +31,7 @@ def load_server() -> ModuleType:
 
 @dataclass
 class Served:
+    module: ModuleType
     service: Any
     port: int
     log: io.StringIO
@@ -48,7 +49,7 @@ def served() -> Iterator[Served]:
     thread = threading.Thread(target=service.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Served(service, service.address[1], log)
+        yield Served(module, service, service.address[1], log)
     finally:
         service.close()
         thread.join(timeout=10)
@@ -118,6 +119,10 @@ def test_head_gets_the_headers_alone(served: Served) -> None:
         (b"GET / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", b"413"),
+        (b"GET / HTTP/1.1\r\nContent-Length: " + b"0" * 4400 + b"\r\n\r\n", b"413"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\nhello", b"400"),
+        (b"GET / HTTP/1.1\r\nContent-Length: 5\xa0\r\n\r\nhello", b"400"),
+        (b"GET / HTTP/1.x\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", b"431"),
     ],
 )
@@ -129,6 +134,32 @@ def test_a_request_it_cannot_answer_gets_an_error_status(
     if status == b"405":
         assert b"Allow: GET, HEAD" in answer
     assert get(served.port, "/healthz") == (200, "ok\n")
+
+
+def test_a_refused_head_gets_no_body_either(served: Served) -> None:
+    for raw in (
+        b"HEAD / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n",
+    ):
+        answer = exchange(served.port, raw)
+        assert answer.split(b" ")[1] in (b"400", b"431") and answer.endswith(b"\r\n\r\n")
+
+
+def test_a_head_at_the_limit_is_taken_however_its_bytes_arrive(served: Served) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nX: "
+    head += b"a" * (served.module.HEAD_LIMIT - len(head))
+    for split in (len(head), len(head) + 2, len(head) + 3):
+        raw = head + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as client:
+            client.sendall(raw[:split])
+            time.sleep(0.05)  # the service reads the first part on its own
+            client.sendall(raw[split:])
+            assert client.recv(100).startswith(b"HTTP/1.0 200 "), split
+
+
+def test_a_target_in_absolute_form_is_served(served: Served) -> None:
+    answer = exchange(served.port, b"GET http://127.0.0.1/healthz?x HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200 ") and answer.endswith(b"\r\n\r\nok\n")
 
 
 def test_a_get_with_a_body_is_answered_after_the_body_is_read(served: Served) -> None:
@@ -144,7 +175,12 @@ def test_only_failed_requests_are_logged_and_never_health_checks(served: Served)
     served.service.pages.config["maintenance"] = True
     assert get(served.port, "/healthz")[0] == 503
     assert get(served.port, "/nothing-here")[0] == 404
-    assert served.log.getvalue() == "127.0.0.1 GET /nothing-here 404\n"
+    assert exchange(served.port, b"GET /a\x00b\rc\xc3\xa9 HTTP/1.0\r\n\r\n").startswith(
+        b"HTTP/1.0 404 "
+    )
+    assert served.log.getvalue() == (
+        "127.0.0.1 GET /nothing-here 404\n127.0.0.1 GET /a\\x00b\\x0dc\\xc3\\xa9 404\n"
+    )
 
 
 def test_a_bug_costs_one_answer_and_no_thread(served: Served) -> None:
@@ -187,6 +223,54 @@ def test_clients_holding_every_pooled_thread_keep_no_one_waiting(served: Served)
                 time.sleep(0.05)
             assert list(answers) == [(200, "ok\n")] * 40
         assert service.extra >= len(silent) + len(slow) - service.workers
+
+
+def test_a_connection_with_no_thread_left_is_closed_and_the_service_goes_on(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd's TasksMax, say: starting a thread fails, and the service must not go with it."""
+    service = served.service
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    ours, theirs = socket.socketpair()
+    with monkeypatch.context() as patch, ours, theirs:
+        patch.setattr(service, "free", 0)  # every pooled thread busy
+        patch.setattr(threading.Thread, "start", no_thread)
+        service.dispatch(ours, ("127.0.0.1", 1))
+        assert theirs.recv(100) == b""
+    assert "127.0.0.1: no thread left to serve it; connection closed" in served.log.getvalue()
+    assert get(served.port, "/healthz") == (200, "ok\n")
+
+
+def test_a_client_that_trickles_its_request_gets_408_at_the_deadline(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeout is for the whole request: a byte every 0.3 s (of a fake clock) would keep
+    a timeout of each read from ever ending."""
+    module = served.module
+    now = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+
+    class Trickle:
+        def __init__(self) -> None:
+            self.bytes = iter(b"GET /healthz HTTP/1.0\r\n" * 10)
+            self.reads = 0
+
+        def settimeout(self, seconds: float) -> None:
+            assert 0 < seconds <= 1.0
+
+        def recv(self, size: int) -> bytes:
+            now[0] += 0.3
+            self.reads += 1
+            return bytes([next(self.bytes)])
+
+    trickle = Trickle()
+    request = module.Request(trickle, 1.0)
+    with pytest.raises(module.Refused) as refused:
+        request.read()
+    assert refused.value.status == 408 and trickle.reads == 4
 
 
 def test_a_silent_connection_is_closed_after_the_timeout_without_an_answer(

@@ -34,7 +34,8 @@ import time
 IMAGE_RECORD = "/etc/pipeline-image.json"
 # Threads kept for serving connections; more connections at once get threads of their own.
 WORKERS = 16
-# Seconds a connection may stay silent before it is closed.
+# Seconds a client has to send its whole request: a silent one is then closed, one that sent
+# part of a request gets 408.
 TIMEOUT = 10
 # Bytes of a request's line and headers together, and of a body read only to be discarded.
 HEAD_LIMIT = 16384
@@ -92,40 +93,88 @@ class Pages:
         return 404, "text/plain", "not found\n"
 
 
-def read_request(connection):
-    """(method, path) of the request on `connection`; its body, if any, is read and dropped.
+class Request:
+    """One request read from a connection: its method and path; a body is read and dropped.
 
-    Raises Refused for a request that is answered with an error, and OSError for a client that
-    goes away, or stays silent, before it has sent a whole request."""
-    data = b""
-    while True:
-        end = END_OF_HEAD.search(data)
-        if end:
-            break
-        if len(data) > HEAD_LIMIT:
-            raise Refused(431)
+    The whole request must arrive within `timeout` seconds of the first byte asked for, so a
+    client that trickles bytes holds a thread no longer than a silent one."""
+
+    def __init__(self, connection, timeout):
+        self.connection = connection
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.data = b""
+        self.method = "-"
+        self.path = "-"
+
+    def read(self):
+        """Raises Refused for a request answered with an error, and OSError for a client that
+        goes away, or stays silent, before it has sent a whole request."""
+        end = self._head()
+        lines = [
+            line.rstrip("\r") for line in self.data[: end.start()].decode("latin-1").split("\n")
+        ]
+        words = lines[0].split(" ")
+        if len(words) == 3:
+            self.method = words[0]
+            self.path = _path(words[1])
+        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            raise Refused(400)
+
+        # Read a declared body to the end, so that closing the connection does not reset it
+        # before the client has the answer.
+        length = _body_length(lines[1:], self.method)
+        unread = length - (len(self.data) - end.end())
+        while unread > 0:
+            unread -= len(self._receive(min(unread, 65536), timed_out=408))
+
+        if self.method not in ("GET", "HEAD"):
+            raise Refused(405)
+
+    def head_only(self):
+        """No body in the answer: a HEAD, even one refused before its line was read whole."""
+        return self.method == "HEAD" or (self.method == "-" and self.data.startswith(b"HEAD "))
+
+    def _head(self):
+        while True:
+            end = END_OF_HEAD.search(self.data)
+            if end:
+                if end.start() > HEAD_LIMIT:
+                    raise Refused(431)
+                return end
+            # The last 3 bytes may be the start of the blank line that ends the head.
+            if len(self.data) > HEAD_LIMIT + 3:
+                raise Refused(431)
+            # A connection that never said a word is closed without an answer.
+            self.data += self._receive(4096, timed_out=408 if self.data else None)
+
+    def _receive(self, size, *, timed_out):
         try:
-            chunk = connection.recv(4096)
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+            chunk = self.connection.recv(size)
         except TimeoutError:
-            if data:
-                raise Refused(408) from None
-            raise  # a connection that never said a word is closed without an answer
+            if timed_out is None:
+                raise
+            raise Refused(timed_out) from None
         if not chunk:
-            raise ConnectionError("closed before the end of the request's headers")
-        data += chunk
-    if end.start() > HEAD_LIMIT:
-        raise Refused(431)
+            raise ConnectionError("closed in the middle of a request")
+        return chunk
 
-    lines = [line.rstrip("\r") for line in data[: end.start()].decode("latin-1").split("\n")]
-    words = lines[0].split(" ") if lines else []
-    if len(words) != 3 or not words[2].startswith("HTTP/1."):
-        raise Refused(400)
-    method, target = words[0], words[1]
 
-    # Read a declared body to the end, so that closing the connection does not reset it
-    # before the client has the answer.
-    length = 0
-    for line in lines[1:]:
+def _path(target):
+    """The path of a request's target, in origin form (/a?b) or absolute form (http://h/a?b)."""
+    if target.startswith(("http://", "https://")):
+        target = "/" + target.partition("://")[2].partition("/")[2]
+    return target.partition("?")[0]
+
+
+def _body_length(lines, method):
+    """The body's length that the header lines declare (0 for none)."""
+    lengths = set()
+    for line in lines:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise Refused(400)
@@ -133,21 +182,16 @@ def read_request(connection):
         if name == "transfer-encoding":
             raise Refused(400 if method in ("GET", "HEAD") else 405)
         if name == "content-length":
-            if not (value.strip().isascii() and value.strip().isdigit()):
+            value = value.strip(" \t")
+            if not (value.isascii() and value.isdigit()):
                 raise Refused(400)
-            length = int(value)
+            lengths.add(int(value) if len(value) <= 18 else BODY_LIMIT + 1)
+    if len(lengths) > 1:
+        raise Refused(400)  # two lengths that differ: which one ends the body is anyone's guess
+    length = lengths.pop() if lengths else 0
     if length > BODY_LIMIT:
         raise Refused(413)
-    unread = length - (len(data) - end.end())
-    while unread > 0:
-        chunk = connection.recv(min(unread, 65536))
-        if not chunk:
-            raise ConnectionError("closed before the end of the request's body")
-        unread -= len(chunk)
-
-    if method not in ("GET", "HEAD"):
-        raise Refused(405)
-    return method, target.partition("?")[0]
+    return length
 
 
 def respond(connection, status, content_type, body, *, head_only=False):
@@ -212,8 +256,12 @@ class Service:
                 self.extra += 1
         if pooled:
             self.connections.put((connection, peer))
-        else:
+            return
+        try:
             threading.Thread(target=self.serve, args=(connection, peer), daemon=True).start()
+        except RuntimeError:  # out of threads (systemd's TasksMax): lose this one, not the service
+            connection.close()
+            self.say(f"{peer[0]}: no thread left to serve it; connection closed")
 
     def work(self):
         while True:
@@ -225,22 +273,22 @@ class Service:
                 self.free += 1
 
     def serve(self, connection, peer):
-        method, path = "-", "-"
+        request = Request(connection, self.timeout)
         try:
-            connection.settimeout(self.timeout)
             try:
-                method, path = read_request(connection)
-                status, content_type, body = self.pages.answer(path)
+                request.read()
+                status, content_type, body = self.pages.answer(request.path)
             except Refused as refused:
                 status, content_type, body = refused.status, "text/plain", "refused\n"
             except OSError:
                 raise
             except Exception as error:  # a bug must cost one answer, not one of the threads
                 status, content_type, body = 500, "text/plain", "internal error\n"
-                self.say(f"{peer[0]} {method} {path}: {error!r}")
-            if status >= 400 and path != "/healthz":
-                self.say(f"{peer[0]} {method} {path} {status}")
-            respond(connection, status, content_type, body, head_only=method == "HEAD")
+                self.say(f"{peer[0]} {request.method} {request.path}: {error!r}")
+            if status >= 400 and request.path != "/healthz":
+                self.say(f"{peer[0]} {request.method} {request.path} {status}")
+            connection.settimeout(self.timeout)  # for the answer, whatever the request left
+            respond(connection, status, content_type, body, head_only=request.head_only())
             connection.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the client went away or stayed silent; there is no one left to answer
@@ -248,6 +296,8 @@ class Service:
             connection.close()
 
     def say(self, line):
+        # A request's bytes may hold NUL, CR or escape codes: the journal gets them spelled out.
+        line = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in line)
         self.log.write(line + "\n")
         self.log.flush()
 
