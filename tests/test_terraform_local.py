@@ -361,18 +361,31 @@ def test_a_served_provider_answers_every_command_and_ends_with_them(
     assert tfmod.REATTACH_ENV not in fleet.tf.env()
 
 
-def test_a_temporary_directory_too_long_for_a_socket_leaves_both_providers_working(
-    tmp_path: Path, fake_image: BaseImage, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("odd", ["too long", "percent", "not UTF-8"])
+def test_a_temporary_directory_unfit_for_a_socket_leaves_both_providers_working(
+    tmp_path: Path,
+    fake_image: BaseImage,
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    odd: str,
 ) -> None:
-    """Both providers listen on a Unix socket in a folder of the temporary directory, and a
-    socket's path holds at most 107 bytes."""
+    """Both providers listen on a Unix socket in a folder of the temporary directory: a
+    socket's path holds at most 107 bytes, and gRPC reads it as a URI."""
     fleet = make_fleet(tmp_path, state_dir, size=1)
     variables = fleet.vars(fake_image, "1.0.0", "b100")
-    long = tmp_path / ("t" * (100 - len(str(tmp_path))))
-    long.mkdir()
-    monkeypatch.setenv("TMPDIR", str(long))
+    # Short enough but for what is odd about it: pytest's own folder is long already.
+    short_root = Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(short_root))
+    unfit = {
+        "too long": tmp_path / ("t" * (100 - len(str(tmp_path)))),
+        "percent": short_root / "p%41",
+        "not UTF-8": short_root / os.fsdecode(b"\xff\xfe"),
+    }[odd]
+    unfit.mkdir()
+    monkeypatch.setenv("TMPDIR", str(unfit))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    assert tempfile.gettempdir() == str(long)
+    assert tempfile.gettempdir() == str(unfit)
 
     own = fleet.tf.plan(variables)
     with fleet.tf.serving():
@@ -380,7 +393,7 @@ def test_a_temporary_directory_too_long_for_a_socket_leaves_both_providers_worki
 
     assert [short(c.name) for c in own.changes] == ["web-test-b100-0"]
     assert served.changes == own.changes
-    assert list(long.iterdir()) == []
+    assert list(unfit.iterdir()) == []
 
 
 def test_a_served_provider_that_dies_leaves_terraform_to_start_its_own(

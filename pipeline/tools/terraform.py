@@ -395,11 +395,19 @@ def _provider_command() -> list[str]:
 
 
 def socket_tmpdir() -> str:
-    """The temporary directory, or /tmp where a provider's socket would not fit under it."""
+    """The temporary directory, or /tmp where a provider's socket would not work under it.
+
+    gRPC takes the socket as a `unix://` URI: it decodes a `%` in the path and cannot encode
+    a path that is not UTF-8."""
     tmp = tempfile.gettempdir()
-    if len(os.fsencode(tmp)) + SOCKET_FOLDER_ROOM <= SOCKET_PATH_MAX:
-        return tmp
-    return "/tmp"
+    raw = os.fsencode(tmp)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "/tmp"
+    if b"%" in raw or len(raw) + SOCKET_FOLDER_ROOM > SOCKET_PATH_MAX:
+        return "/tmp"
+    return tmp
 
 
 class _ServedProvider:
