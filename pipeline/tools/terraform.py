@@ -65,12 +65,12 @@ PROVIDER_ADDRESSES = (
     "registry.opentofu.org/local/pipeline",
 )
 SERVE_START_TIMEOUT = 30.0
+SERVE_STOP_TIMEOUT = 15.0
 # The provider listens on a Unix socket in a folder of its own under the temporary directory:
 # `<tmp>/pipeline-provider-XXXXXXXX/provider.sock` served, `<tmp>/tmpXXXXXXXX/py-tf-plugin.sock`
 # started by Terraform. A socket's path holds at most 107 bytes.
 SOCKET_PATH_MAX = 107
 SOCKET_FOLDER_ROOM = 48
-SERVE_STOP_TIMEOUT = 15.0
 # Terraform's default; an apply that changes more runs them all at once, so that no create
 # waiting for a delete to go first holds a slot the delete needs.
 PARALLELISM = 10
@@ -261,8 +261,9 @@ class Terraform:
             "PIPELINE_PROVIDER_LOG": str(self.log_dir / PROVIDER_LOG_NAME),
             DELETES_FIRST_ENV: str(self.workdir / DELETES_FIRST_NAME),
         }
-        if socket_tmpdir() != tempfile.gettempdir():
-            env["TMPDIR"] = socket_tmpdir()
+        tmp = socket_tmpdir()
+        if tmp != tempfile.gettempdir():
+            env["TMPDIR"] = tmp
         return env
 
     def cli_config(self) -> Path:
