@@ -9,8 +9,8 @@ and replaced by another of the same version without anyone noticing.
 
 During a rolling update the instances still serving take CPU away from the ones booting, so a
 request here costs as little as the standard library allows. On an emulated guest answering 20
-requests a second (measured on 2026-12-06), a request cost 11.3-11.6 ms of the guest's CPU with
-`http.server` writing an access line to the journal; 7.4-8.3 ms without the line; 4.4-6.4 ms
+requests a second (measured on 2026-12-06), a request cost 10.2-11.6 ms of the guest's CPU with
+`http.server` writing an access line to the journal; 7.4-8.3 ms without the line; 4.3-5.4 ms
 read by hand as here. So it:
 - reads the request line and headers itself (`http.server` parses headers with the email
   package) and answers HTTP/1.0, one request per connection: through a load balancer, kept-alive
